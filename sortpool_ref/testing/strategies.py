@@ -26,7 +26,7 @@ import numpy as np
 from hypothesis import assume
 from hypothesis import strategies as st
 
-from .._checks import Geometry, make_geometry
+from .._checks import Geometry, make_geometry  # noqa: F401  (re-exported)
 
 VALUE_KINDS = ("distinct", "ties", "special", "normal")
 
