@@ -38,12 +38,13 @@ def _host(a):
     return np.asarray(a)
 
 
-def self_check(engine: str, seed: int = 0, out=sys.stdout) -> bool:
+def self_check(engine: str, seed: int = 0, out=None) -> bool:
     """Compare ``engine`` with the reference on random data; True if all
     agree within the tolerance table of :mod:`sortpool_ref.testing`."""
     from . import reference, sortpool2d, sortpool2d_backward
     from .testing import assert_close, tolerance_scale
 
+    out = sys.stdout if out is None else out
     rng = np.random.default_rng(seed)
     ok = True
     for dtype in (np.float64, np.float32):
