@@ -142,19 +142,20 @@ def _explicit_padding(padding: Any) -> Optional[Tuple[int, int, int, int]]:
 
 def _out_size(size: int, lead: int, trail: int, kernel: int, stride: int,
               dilation: int, ceil_mode: bool) -> int:
-    """PyTorch's pooling output size, generalised to unequal padding."""
+    """PyTorch's pooling output size, generalised to unequal padding.
+
+    Floor (or ceil) of (size + padding - effective kernel) / stride, plus
+    one; in ceil mode the last window must start inside the input or its
+    leading padding.
+    """
     span = size + lead + trail - dilation * (kernel - 1) - 1
-    if span < 0:
-        return 0
     if ceil_mode:
-        out = -(-span // stride) + 1
-        # PyTorch: the last window must start inside the input or its
-        # leading padding.
+        out = (span + stride - 1) // stride + 1
         if (out - 1) * stride >= size + lead:
             out -= 1
     else:
         out = span // stride + 1
-    return out
+    return max(out, 0)
 
 
 def _same_padding(size: int, kernel: int, stride: int,

@@ -39,8 +39,9 @@ engine
     Attributes
     ----------
     weights : ndarray of float64
-        The learnable parameters (logits or raw weights). Update them in
-        place or assign a new array of the same shape.
+        The learnable parameters (logits or raw weights), a host array
+        whatever the input's device (a CUDA input gets a device copy per
+        call). Update them in place or assign a new array of the same shape.
     grad : ndarray of float64
         dL/dweights from the last :meth:`backward` call (overwritten, not
         accumulated), zero before the first.
@@ -112,9 +113,17 @@ engine
     def pool_range(self) -> int:
         return self.weights.shape[-1]
 
+    def _weights_like(self, x: Any) -> Any:
+        """The weights on x's device: a CuPy copy for CUDA inputs."""
+        if hasattr(x, "__cuda_array_interface__"):
+            import cupy
+
+            return cupy.asarray(self.weights)
+        return self.weights
+
     def forward(self, x: Any) -> Any:
         """Pool ``x``; remembers it for :meth:`backward`."""
-        y = sortpool2d(x, self.weights, **self.options)
+        y = sortpool2d(x, self._weights_like(x), **self.options)
         self._x = x
         return y
 
@@ -124,8 +133,12 @@ engine
         """Return dL/dx for the last forward input; store dL/dw in ``grad``."""
         if self._x is None:
             raise RuntimeError("backward() called before forward()")
-        grad_x, grad_w = sortpool2d_backward(grad_y, self._x, self.weights,
-                                             **self.options)
+        grad_x, grad_w = sortpool2d_backward(
+            grad_y, self._x, self._weights_like(self._x), **self.options)
+        if hasattr(grad_w, "__cuda_array_interface__"):
+            import cupy
+
+            grad_w = cupy.asnumpy(grad_w)
         self.grad = grad_w
         return grad_x
 

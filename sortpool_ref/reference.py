@@ -133,8 +133,10 @@ def forward(x: np.ndarray, w: np.ndarray, p: Problem) -> np.ndarray:
     """Engine entry point: y for arrays already checked into ``p``."""
     s = _Ranked(x, w, p)
     with np.errstate(invalid="ignore", over="ignore"):
-        terms = np.where(s.keep, s.weights[None] * s.ranked, 0.0)
-    y = terms.sum(axis=-1)  # (N, C, Ho, Wo)
+        # -0.0 is the additive identity that keeps the sign of a zero sum
+        # (a window whose kept values are all -0.0 gives -0.0).
+        terms = np.where(s.keep, s.weights[None] * s.ranked, -0.0)
+        y = terms.sum(axis=-1, initial=-0.0)  # (N, C, Ho, Wo)
     if p.layout == "NHWC":
         y = y.transpose(0, 2, 3, 1)
     return np.ascontiguousarray(y, dtype=p.dtype)

@@ -151,3 +151,21 @@ def test_ceil_mode_overhang_is_not_part_of_the_window(engine):
              padding=(0, 1), ceil_mode=True, pad_value=100.0)
     # Windows [pad 0 1], [1 2 3], [3 4 5], [5 pad | overhang].
     np.testing.assert_allclose(y.ravel(), [101 / 3, 2.0, 4.0, 52.5])
+
+
+def test_sign_of_a_zero_result_is_the_same_on_every_engine(engine):
+    y = pool(engine, window([-0.0, -1, -1, -2]), [0.0])
+    assert y.item() == 0.0 and np.signbit(y.item())
+    y = pool(engine, window([-0.0, -0.0, -1, -2]), [0.0, 0.0])
+    assert y.item() == 0.0 and np.signbit(y.item())
+    y = pool(engine, window([0.0, -0.0, -1, -2]), [0.0, 0.0])
+    assert y.item() == 0.0 and not np.signbit(y.item())
+
+
+def test_plus_and_minus_inf_in_one_window_warn_nothing(engine, recwarn):
+    x = window([np.inf, -np.inf, 1, 2])
+    y = to_host(sortpool_ref.sortpool2d(to_engine(engine, x),
+                                        to_engine(engine, np.zeros(4)),
+                                        engine=engine))
+    assert np.isnan(y.item())
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]

@@ -56,7 +56,7 @@ def distinct_array(shape: Sequence[int], dtype: Any = np.float64,
     ``gap / 2``."""
     size = int(np.prod(shape))
     rng = np.random.default_rng(seed)
-    values = (rng.permutation(size) - size / 2.0) * gap
+    values = (rng.permutation(size) - size // 2) * gap  # multiples of gap
     return values.reshape(shape).astype(dtype)
 
 
@@ -188,3 +188,150 @@ def pooling_cases(draw, values: str = "distinct", dtype: Any = np.float64,
     kwargs = dict(kwargs, layout=layout, weighting=weighting,
                   pad_value=pad_value)
     return PoolingCase(x=x, w=w, kwargs=kwargs, geometry=geometry)
+
+
+# ---------------------------------------------------------------------------
+# Restricted problems for the conformance kit (sortpool_ref.testing._kit).
+# An implementation under test often supports only part of the contract; these
+# strategies draw only the options it declares.
+
+PADDING_FORMS = ("none", "int", "pair", "sides", "valid", "same")
+
+
+@dataclass
+class ConformanceCase(PoolingCase):
+    """A :class:`PoolingCase` with what the conformance kit also needs:
+    the kind of values drawn, the seed they came from and an upstream
+    gradient ``grad_y`` (finite, the output's shape and x's dtype)."""
+
+    values: str = "distinct"
+    seed: int = 0
+    grad_y: Optional[np.ndarray] = None
+
+
+def _kernel_pair(kernel: Any) -> Tuple[int, int]:
+    if isinstance(kernel, (tuple, list)):
+        return int(kernel[0]), int(kernel[1])
+    return int(kernel), int(kernel)
+
+
+@st.composite
+def restricted_geometries(draw, kernel_sizes: Optional[Sequence[Any]] = None,
+                          max_kernel: int = 3, stride: bool = True,
+                          max_stride: int = 3,
+                          padding: Sequence[str] = PADDING_FORMS,
+                          dilation: bool = True, max_dilation: int = 2,
+                          ceil_mode: bool = True, max_size: int = 8
+                          ) -> Tuple[Tuple[int, int], Dict[str, Any],
+                                     Geometry]:
+    """Like :func:`geometries`, restricted to what an implementation supports.
+
+    ``kernel_sizes``: the kernel sizes to draw from (ints or pairs), or
+    ``None`` for every size up to ``max_kernel`` in both forms.
+    ``stride=False``: always ``stride=None`` (the kernel size).
+    ``padding``: the forms to draw from, a subset of :data:`PADDING_FORMS`
+    ('none' is the default ``padding=0``). ``dilation=False`` and
+    ``ceil_mode=False`` keep those at their defaults. The keyword arguments
+    returned hold only ``kernel_size``, ``stride``, ``padding``,
+    ``dilation`` and ``ceil_mode``.
+    """
+    if kernel_sizes is None:
+        kh = draw(st.integers(1, max_kernel))
+        kw = draw(st.integers(1, max_kernel))
+        kernel: Any = kh if kh == kw and draw(st.booleans()) else (kh, kw)
+    else:
+        kernel = draw(st.sampled_from(list(kernel_sizes)))
+        kh, kw = _kernel_pair(kernel)
+    step: Any = None
+    if stride:
+        step = draw(st.one_of(st.none(), st.integers(1, max_stride),
+                              st.tuples(st.integers(1, max_stride),
+                                        st.integers(1, max_stride))))
+    dil = ((draw(st.integers(1, max_dilation)),
+            draw(st.integers(1, max_dilation))) if dilation else (1, 1))
+    form = draw(st.sampled_from(list(padding)))
+    if form == "none":
+        pad: Any = 0
+    elif form == "int":
+        pad = draw(st.integers(0, min(kh, kw) // 2))
+    elif form == "pair":
+        pad = (draw(st.integers(0, kh // 2)), draw(st.integers(0, kw // 2)))
+    elif form == "sides":
+        pad = ((draw(st.integers(0, kh // 2)), draw(st.integers(0, kh // 2))),
+               (draw(st.integers(0, kw // 2)), draw(st.integers(0, kw // 2))))
+    elif form in ("valid", "same"):
+        pad = form
+    else:
+        raise ValueError(
+            f"padding forms must be among {PADDING_FORMS}, got {form!r}")
+    ceil = draw(st.booleans()) if ceil_mode else False
+    eff_h = (kh - 1) * dil[0] + 1
+    eff_w = (kw - 1) * dil[1] + 1
+    height = draw(st.integers(1, max(max_size, eff_h)))
+    width = draw(st.integers(1, max(max_size, eff_w)))
+    dil_arg: Any = dil if dil[0] != dil[1] else dil[0]
+    kwargs: Dict[str, Any] = dict(kernel_size=kernel, stride=step,
+                                  padding=pad, dilation=dil_arg,
+                                  ceil_mode=ceil)
+    try:
+        geometry = make_geometry(height, width, kernel, step, pad, dil_arg,
+                                 ceil)
+    except ValueError:
+        assume(False)
+        raise  # unreachable: assume(False) aborts the example
+    return (height, width), kwargs, geometry
+
+
+@st.composite
+def conformance_cases(draw, values: Sequence[str] = ("distinct", "ties",
+                                                     "special"),
+                      dtype: Any = np.float64,
+                      layouts: Sequence[str] = ("NHWC", "NCHW"),
+                      weightings: Sequence[str] = ("softmax", "raw"),
+                      per_channel: Optional[bool] = None,
+                      pad_values: Sequence[Optional[float]] = (None, 0.0,
+                                                               -1.5),
+                      max_batch: int = 2, max_channels: int = 3,
+                      max_pool_range: Optional[int] = None,
+                      **geometry_options: Any) -> ConformanceCase:
+    """A complete problem, every argument drawn from the allowed choices.
+
+    ``values`` is a sequence of value kinds (see :data:`VALUE_KINDS`),
+    ``dtype`` the dtype of ``x``, ``w`` and ``grad_y``. ``per_channel=None``
+    draws both weight shapes. Extra keyword arguments go to
+    :func:`restricted_geometries`. The keyword arguments of the case hold
+    every argument of :func:`sortpool_ref.sortpool2d` but ``engine``.
+    """
+    (height, width), kwargs, geometry = draw(
+        restricted_geometries(**geometry_options))
+    kind = draw(st.sampled_from(list(values)))
+    layout = draw(st.sampled_from(list(layouts)))
+    weighting = draw(st.sampled_from(list(weightings)))
+    pad_value = draw(st.sampled_from(list(pad_values)))
+    batch = draw(st.integers(1, max_batch))
+    channels = draw(st.integers(1, max_channels))
+    limit = geometry.window_size
+    if max_pool_range is not None:
+        limit = min(limit, max_pool_range)
+    k = draw(st.integers(1, limit))
+    shared = (not per_channel) if per_channel is not None else draw(
+        st.booleans())
+    seed = draw(st.integers(0, 2**32 - 1))
+    shape = ((batch, height, width, channels) if layout == "NHWC"
+             else (batch, channels, height, width))
+    x = array_of(kind, shape, dtype, seed)
+    rng = np.random.default_rng(seed + 1)
+    w_shape = (k,) if shared else (channels, k)
+    if weighting == "softmax":
+        w = rng.normal(0.0, 1.0, size=w_shape)
+    else:
+        w = rng.uniform(-1.0, 1.0, size=w_shape)
+    out_shape = ((batch, geometry.out_h, geometry.out_w, channels)
+                 if layout == "NHWC"
+                 else (batch, channels, geometry.out_h, geometry.out_w))
+    grad_y = rng.normal(size=out_shape)
+    kwargs = dict(kwargs, layout=layout, weighting=weighting,
+                  pad_value=pad_value)
+    return ConformanceCase(x=x, w=w.astype(dtype), kwargs=kwargs,
+                           geometry=geometry, values=kind, seed=seed,
+                           grad_y=grad_y.astype(dtype))
