@@ -63,7 +63,12 @@ def prepare(x: Any, w: Any, grad_y: Any = None, *, engine: Any = "auto",
     if grad_y is not None:
         arrays.append(("grad_y", grad_y))
     name = _resolve_engine(engine, arrays)
-    if name != "cuda":
+    if name == "cuda":
+        # CuPy views (no copy) of any CUDA array: CuPy's own, PyTorch's
+        # through DLPack, anything with __cuda_array_interface__.
+        module = get_engine(name)
+        x, w, grad_y = (module.as_cupy(a) for a in (x, w, grad_y))
+    else:
         x = _as_host_array("x", x)
         w = _as_host_array("w", w)
         if grad_y is not None:
@@ -71,9 +76,10 @@ def prepare(x: Any, w: Any, grad_y: Any = None, *, engine: Any = "auto",
     problem = make_problem(x.shape, x.dtype, w.shape, w.dtype, **geometry)
     if grad_y is not None:
         check_grad_y(problem, grad_y.shape, grad_y.dtype)
-    module = get_engine(name)
     if name == "cuda":
         module.check_same_device(x, w, grad_y)
+    else:
+        module = get_engine(name)
     return module, x, w, grad_y, problem
 
 

@@ -29,7 +29,8 @@ OPTIONS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 MODULES_WITH_EXAMPLES = ["sortpool_ref._api", "sortpool_ref.layer"]
 # Further public modules: their examples, if any, must pass too.
 OTHER_PUBLIC_MODULES = ["sortpool_ref", "sortpool_ref.reference",
-                        "sortpool_ref._engines", "sortpool_ref.testing._compare"]
+                        "sortpool_ref._engines", "sortpool_ref.testing._compare",
+                        "sortpool_ref.testing._kit", "sortpool_ref.torch"]
 
 # Pages with examples that must hold.
 PAGES_WITH_EXAMPLES = ["contract.md", "quickstart.md", "numerics.md",
