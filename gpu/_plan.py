@@ -24,6 +24,13 @@ from sortpool_ref._checks import Geometry, Problem
 SOURCE_PATH = Path(__file__).with_name("sortpool_kernels.cu")
 HOST_SHIM_PATH = Path(__file__).with_name("host_shim.h")
 
+#: Options the engine gives NVRTC through ``cupy.RawModule``. CuPy adds its
+#: include paths and ``-arch`` for the current device and, after these,
+#: always ``-ftz=true``: NVRTC honours the last occurrence, so float32
+#: subnormals are flushed to zero (inputs of comparisons included) whatever
+#: is given here (cupy/cupy#9576, #8382).
+COMPILE_OPTIONS = ("-std=c++17",)
+
 #: C++ template argument for each compute dtype.
 C_TYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 

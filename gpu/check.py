@@ -1,4 +1,11 @@
-"""The GPU check in one command: ``python -m sortpool_ref.gpu.check``.
+"""The GPU check in one command.
+
+From a repository checkout, installed or not (``sortpool_ref.gpu`` is the
+folder ``gpu/``, mapped by setup.cfg's ``package_dir`` only when installed)::
+
+    python gpu/check.py --out DIR
+
+or, where the package is installed, ``python -m sortpool_ref.gpu.check``.
 
 On a machine with CuPy and a CUDA GPU (nothing is downloaded), in one go and
 within about five minutes:
@@ -24,6 +31,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
+import importlib.util
 import platform
 import subprocess
 import sys
@@ -32,9 +41,56 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
+GPU_DIR = Path(__file__).resolve().parent
+REPO_ROOT = GPU_DIR.parents[0]
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+
+def _in_checkout() -> bool:
+    return ((REPO_ROOT / "sortpool_ref" / "__init__.py").is_file()
+            and (GPU_DIR / "sortpool_kernels.cu").is_file())
+
+
+def ensure_gpu_package() -> str:
+    """Make ``sortpool_ref.gpu`` importable; say where it comes from.
+
+    Installed (or editable): nothing to do. In a checkout that is not
+    installed, ``import sortpool_ref`` finds the repository's package but
+    ``sortpool_ref.gpu`` does not exist (the folder ``gpu/`` becomes that
+    package only through setup.cfg's ``package_dir`` at install time), so
+    the folder of this file is registered as ``sortpool_ref.gpu``.
+    """
+    import sortpool_ref
+
+    try:
+        importlib.import_module("sortpool_ref.gpu")
+        return "installed"
+    except ModuleNotFoundError as exc:
+        if exc.name != "sortpool_ref.gpu":
+            raise
+    spec = importlib.util.spec_from_file_location(
+        "sortpool_ref.gpu", GPU_DIR / "__init__.py",
+        submodule_search_locations=[str(GPU_DIR)])
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["sortpool_ref.gpu"] = module
+    spec.loader.exec_module(module)
+    sortpool_ref.gpu = module  # type: ignore[attr-defined]
+    return f"checkout folder {GPU_DIR} (not installed)"
+
+
+if __name__ == "__main__" and not __package__:
+    # Run as a script (python gpu/check.py): Python put gpu/ first on the
+    # path, which would expose engine.py, _plan.py... as top-level modules;
+    # use the checkout's root instead, so that its sortpool_ref is the one
+    # checked.
+    if sys.path and Path(sys.path[0] or ".").resolve() == GPU_DIR:
+        sys.path.pop(0)
+    if _in_checkout():
+        sys.path.insert(0, str(REPO_ROOT))
+    ensure_gpu_package()
+
+import numpy as np  # noqa: E402
+
 BENCH_SHAPE = (32, 112, 112, 64)  # N, H, W, C
 BENCH_CASES = [("2x2 s2", dict(kernel_size=2, stride=2), k)
                for k in (1, 2, 3, 4)] + [
@@ -121,12 +177,25 @@ def environment() -> List[Tuple[str, str]]:
 
 # -- 1. GPU tests ------------------------------------------------------------
 
+_PYTEST_BOOT = (
+    "import importlib.util, sys\n"
+    "spec = importlib.util.spec_from_file_location("
+    "'_sortpool_gpu_check', sys.argv[1])\n"
+    "check = importlib.util.module_from_spec(spec)\n"
+    "spec.loader.exec_module(check)\n"
+    "check.ensure_gpu_package()\n"
+    "import pytest\n"
+    "sys.exit(int(pytest.main(sys.argv[2:])))\n")
+
+
 def run_gpu_tests(timeout: float) -> Tuple[bool, str]:
     tests = REPO_ROOT / "tests"
     if not tests.is_dir():
         return True, "skipped: no tests/ folder (not a repository checkout)"
-    cmd = [sys.executable, "-m", "pytest", str(tests), "-m", "gpu", "-q",
-           "-p", "no:cacheprovider"]
+    # pytest runs in a child process (for the timeout) that first maps
+    # sortpool_ref.gpu exactly as this process did, installed or not.
+    cmd = [sys.executable, "-c", _PYTEST_BOOT, str(Path(__file__).resolve()),
+           str(tests), "-m", "gpu", "-q", "-p", "no:cacheprovider"]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True,
                               timeout=timeout, cwd=str(REPO_ROOT))
@@ -284,6 +353,44 @@ def copy_bandwidth(nbytes: int, reps: int = 20) -> float:
     return 2 * src.nbytes / (ms * 1e-3)
 
 
+def _kernels_only(fwd: bool, args: tuple, opts: Dict[str, Any]
+                  ) -> Callable[[], None]:
+    """A callable that replays, launch for launch, the kernels of one
+    forward (or backward) call with the arguments they had, and nothing
+    else: no argument checks, no allocations, no Python between launches
+    but the loop. Per-call timings of small problems measure host overhead
+    when it exceeds the GPU's time; this measures the kernels."""
+    from sortpool_ref._api import prepare
+    from sortpool_ref.gpu import engine
+
+    if fwd:
+        _, x, w, _, problem = prepare(*args, engine="cuda", **opts)
+    else:
+        _, x, w, g, problem = prepare(args[1], args[2], args[0],
+                                      engine="cuda", **opts)
+    plan = engine._plan_for(x, problem, engine._plan.DEFAULT_CONFIG)
+    launches: List[Tuple[str, int, int, tuple]] = []
+    launch = plan.launch
+
+    def record(name: str, grid: int, block: int, kargs: tuple) -> None:
+        launches.append((name, grid, block, kargs))
+        launch(name, grid, block, kargs)
+
+    plan.launch = record
+    with x.device:
+        keep = plan.forward(x, w) if fwd else plan.backward(g, x, w)
+    variant = plan.variant
+    kernels = [(engine._kernel(x.device.id, problem.dtype, variant, name),
+                (grid,), (block,), kargs)
+               for name, grid, block, kargs in launches]
+
+    def replay() -> None:
+        for kernel, grid, block, kargs in kernels:
+            kernel(grid, block, kargs)
+    replay.keep = keep  # type: ignore[attr-defined]  # buffers stay alive
+    return replay
+
+
 def run_benchmark(reps: int = 20) -> Tuple[List[Dict[str, Any]], float,
                                            Optional[str]]:
     """(rows, copy bandwidth, why torch comparisons are missing or None)."""
@@ -331,6 +438,13 @@ def run_benchmark(reps: int = 20) -> Tuple[List[Dict[str, Any]], float,
             row["floor forward"] = (bx + by) / bandwidth * 1e3
             row["floor backward"] = (2 * bx + by) / bandwidth * 1e3
             row["floor fwd+bwd"] = (3 * bx + 2 * by) / bandwidth * 1e3
+            try:
+                row["kernels forward"] = _time_cupy(
+                    _kernels_only(True, (x, w), opts), reps)
+                row["kernels backward"] = _time_cupy(
+                    _kernels_only(False, (g, x, w), opts), reps)
+            except Exception as exc:  # informative only: never fail here
+                row["kernels error"] = f"{type(exc).__name__}: {exc}"
             if torch_missing is None:
                 ks, st = geom["kernel_size"], geom["stride"]
                 pad = geom.get("padding", 0)
@@ -365,8 +479,9 @@ def _verdict(ok: bool) -> str:
 def benchmark_table(rows: Sequence[Dict[str, Any]]) -> List[str]:
     head = ("| layout | case | k | forward ms (x floor) | backward ms "
             "(x floor) | fwd+bwd ms (x floor) | max_pool2d fwd / fwd+bwd ms "
-            "| naive fwd+bwd ms (speed-up) |")
-    lines = [head, "|" + "---|" * 8]
+            "| naive fwd+bwd ms (speed-up) | kernels only: forward / "
+            "backward ms (x floor) |")
+    lines = [head, "|" + "---|" * 9]
     for r in rows:
         cells = [r["layout"], r["case"], str(r["k"])]
         for op in ("forward", "backward", "fwd+bwd"):
@@ -385,6 +500,15 @@ def benchmark_table(rows: Sequence[Dict[str, Any]]) -> List[str]:
                          f"{_verdict(speedup >= NAIVE_SPEEDUP)})")
         else:
             cells += ["n/a", "n/a"]
+        if "kernels forward" in r:
+            cells.append(
+                f"{r['kernels forward']:.3f} "
+                f"({r['kernels forward'] / r['floor forward']:.2f}x) / "
+                f"{r['kernels backward']:.3f} "
+                f"({r['kernels backward'] / r['floor backward']:.2f}x)")
+        else:
+            cells.append(" ".join(str(r.get("kernels error", "n/a"))
+                                  .replace("|", "/").split())[:200])
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -428,7 +552,7 @@ def render_report(env: Sequence[Tuple[str, str]], tests: Tuple[bool, str],
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m sortpool_ref.gpu.check",
+        prog="python gpu/check.py",
         description="Run the GPU tests, a randomized sweep against the "
                     "reference and a benchmark; write a markdown report.")
     parser.add_argument("--out", default=".", help="report folder")
@@ -440,6 +564,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--skip-benchmark", action="store_true")
     args = parser.parse_args(argv)
 
+    gpu_source = ensure_gpu_package()
     from sortpool_ref._engines import engine_problem
 
     reason = engine_problem("cuda")
@@ -449,7 +574,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
 
     start = time.perf_counter()
-    env = environment()
+    env = environment() + [("sortpool_ref.gpu from", gpu_source)]
     print("environment:", dict(env))
     tests = ((True, "skipped (--skip-tests)") if args.skip_tests
              else run_gpu_tests(args.test_timeout))

@@ -29,8 +29,10 @@ from .._checks import Problem
 
 __all__ = ["forward", "backward", "check_same_device", "as_cupy"]
 
-_COMPILE_OPTIONS = ("-std=c++17",)
+#: NVRTC options (see _plan.COMPILE_OPTIONS).
+_COMPILE_OPTIONS = _plan.COMPILE_OPTIONS
 _modules: Dict[Tuple[int, str, Tuple[int, int]], "cupy.RawModule"] = {}
+_kernels: Dict[Tuple[int, str, Tuple[int, int], str], Any] = {}
 _modules_lock = threading.Lock()
 
 
@@ -51,6 +53,22 @@ def _module(device_id: int, dtype: np.dtype,
                                                                variant))
             _modules[key] = module
     return module
+
+
+def _kernel(device_id: int, dtype: np.dtype, variant: Tuple[int, int],
+            name: str) -> Any:
+    """The ``RawKernel`` of one name expression, looked up once.
+
+    ``RawModule.get_function`` builds a new ``RawKernel`` (and looks the
+    module up again) on every call; a launch should not pay for that.
+    """
+    key = (device_id, np.dtype(dtype).str, variant, name)
+    kernel = _kernels.get(key)
+    if kernel is None:
+        kernel = _module(device_id, dtype, variant).get_function(name)
+        with _modules_lock:
+            kernel = _kernels.setdefault(key, kernel)
+    return kernel
 
 
 def as_cupy(a: Any) -> Optional["cupy.ndarray"]:
@@ -79,10 +97,10 @@ def _plan_for(x: "cupy.ndarray", p: Problem,
               config: LaunchConfig) -> Plan:
     device_id = x.device.id
     variant = _plan.variant_for(p.geometry.window_size, p.pool_range)
-    module = _module(device_id, p.dtype, variant)
 
     def launch(name: str, grid: int, block: int, args: tuple) -> None:
-        module.get_function(name)((grid,), (block,), args)
+        # on CuPy's current stream of the current device (the one of x)
+        _kernel(device_id, p.dtype, variant, name)((grid,), (block,), args)
 
     return Plan(cupy, launch, p, config)
 

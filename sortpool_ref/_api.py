@@ -11,7 +11,12 @@ from ._engines import ENGINES, get_engine
 
 
 def _on_gpu(a: Any) -> bool:
-    return hasattr(a, "__cuda_array_interface__")
+    try:
+        return hasattr(a, "__cuda_array_interface__")
+    except RuntimeError:
+        # PyTorch raises this (not AttributeError) for a CUDA tensor that
+        # requires grad: it is on the GPU all the same.
+        return True
 
 
 def _where(a: Any) -> str:
