@@ -75,41 +75,76 @@ def _rank_weights(w: np.ndarray, weighting: str, pool_range: int) -> np.ndarray:
     return table
 
 
+def _nchw(a: Any, layout: str) -> np.ndarray:
+    a = np.asarray(a, dtype=np.float64)
+    return a.transpose(0, 3, 1, 2) if layout == "NHWC" else a
+
+
+class _Windows:
+    """Every window's values in scan order, and where they came from.
+
+    ``values[n, c, oh, ow, s]`` is position ``s`` of window ``(oh, ow)``
+    (zero where the position is not part of the window); ``usable[oh, ow,
+    s]`` says whether it is (a real input position, or padding when
+    ``pad_value`` is a number).
+    """
+
+    def __init__(self, x, p: Problem):
+        self.problem = p
+        plane, kind = _padded_plane(_nchw(x, p.layout), p.geometry,
+                                    p.pad_value)
+        self.slices = list(_kernel_slices(p.geometry))
+        self.plane_shape = plane.shape
+        values = np.stack([plane[:, :, r, c] for r, c in self.slices], -1)
+        kinds = np.stack([kind[r, c] for r, c in self.slices], axis=-1)
+        self.usable = kinds == _REAL
+        if p.pad_value is not None:
+            self.usable |= kinds == _PAD
+        self.values = np.where(self.usable, values, 0.0)
+
+    def rank_order(self, tiebreak: Optional[np.ndarray] = None) -> np.ndarray:
+        """Scan index of each rank, all positions (unusable ones last).
+
+        Key: usable NaN first, then numbers in decreasing order, then
+        unusable positions. np.lexsort is stable, so equal keys keep scan
+        order unless a ``tiebreak`` key (one value per scan position) is
+        given. Adding 0.0 turns -0.0 into +0.0 (they tie).
+        """
+        is_nan = np.isnan(self.values)
+        group = np.where(self.usable, np.where(is_nan, 0, 1), 2)
+        neg = np.where(is_nan, 0.0, -self.values) + 0.0
+        keys = (neg, np.broadcast_to(group, neg.shape))
+        if tiebreak is not None:
+            keys = (np.broadcast_to(tiebreak, neg.shape),) + keys
+        return np.lexsort(keys, axis=-1)
+
+    def to_input(self, to_position: np.ndarray) -> np.ndarray:
+        """Add per-position window contributions back onto the input grid
+        (overlapping windows add up; padding is dropped), in x's layout."""
+        g = self.problem.geometry
+        plane = np.zeros(self.plane_shape)
+        for pos, (r, c) in enumerate(self.slices):
+            plane[:, :, r, c] += to_position[..., pos]
+        grad = plane[:, :, g.pad_top:g.pad_top + g.height,
+                     g.pad_left:g.pad_left + g.width]
+        return grad.transpose(0, 2, 3, 1) if self.problem.layout == "NHWC" \
+            else grad
+
+
 class _Ranked:
     """The sorted windows of one problem, shared by forward and backward."""
 
     def __init__(self, x, w, p: Problem):
-        g = p.geometry
-        x64 = np.asarray(x, dtype=np.float64)
-        if p.layout == "NHWC":
-            x64 = x64.transpose(0, 3, 1, 2)
-        plane, kind = _padded_plane(x64, g, p.pad_value)
-        slices = list(_kernel_slices(g))
-        # values[n, c, oh, ow, s]: position s (scan order) of each window.
-        values = np.stack([plane[:, :, r, c] for r, c in slices], axis=-1)
-        kinds = np.stack([kind[r, c] for r, c in slices], axis=-1)
-        usable = kinds == _REAL
-        if p.pad_value is not None:
-            usable |= kinds == _PAD
-        values = np.where(usable, values, 0.0)
-        # Ranking key: usable NaN first, then numbers in decreasing order,
-        # then unusable positions; np.lexsort is stable, so equal keys keep
-        # scan order. Adding 0.0 turns -0.0 into +0.0 (they tie).
-        is_nan = np.isnan(values)
-        group = np.where(usable, np.where(is_nan, 0, 1), 2)
-        neg = np.where(is_nan, 0.0, -values) + 0.0
-        order = np.lexsort((neg, np.broadcast_to(group, neg.shape)), axis=-1)
+        self.windows = _Windows(x, p)
         k = p.pool_range
-        self.order = order[..., :k]            # scan index of each rank
-        self.ranked = np.take_along_axis(values, self.order, axis=-1)
-        self.kept = np.minimum(usable.sum(axis=-1), k)   # m_o, (oh, ow)
+        self.order = self.windows.rank_order()[..., :k]  # scan index per rank
+        self.ranked = np.take_along_axis(self.windows.values, self.order, -1)
+        self.kept = np.minimum(self.windows.usable.sum(axis=-1), k)  # m_o
         self.keep = np.arange(k) < self.kept[..., None]  # (oh, ow, k)
         table = _rank_weights(np.asarray(w, dtype=np.float64), p.weighting, k)
         # weights[c, oh, ow, r], c of size 1 for shared weights.
         self.table = table
         self.weights = table[:, self.kept, :]
-        self.slices = slices
-        self.plane_shape = plane.shape
 
 
 def sortpool2d(x: Any, w: Any, kernel_size: Any = 2, stride: Any = None,
@@ -176,13 +211,7 @@ def backward(grad_y: np.ndarray, x: np.ndarray, w: np.ndarray,
     to_rank = np.where(s.keep, gy * s.weights[None], 0.0)
     to_position = np.zeros(s.ranked.shape[:-1] + (g.window_size,))
     np.put_along_axis(to_position, s.order, to_rank, axis=-1)
-    plane = np.zeros(s.plane_shape)
-    for pos, (r, c) in enumerate(s.slices):
-        plane[:, :, r, c] += to_position[..., pos]  # overlapping windows add
-    grad_x = plane[:, :, g.pad_top:g.pad_top + g.height,
-                   g.pad_left:g.pad_left + g.width]
-    if p.layout == "NHWC":
-        grad_x = grad_x.transpose(0, 2, 3, 1)
+    grad_x = s.windows.to_input(to_position)
 
     # dL/dw: per number of kept ranks m, G^(m)_r = sum g_o * a_o(r).
     k = p.pool_range

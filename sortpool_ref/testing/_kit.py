@@ -374,32 +374,16 @@ def tie_variant_grad_x(grad_y: np.ndarray, x: np.ndarray, w: np.ndarray,
     all its members, kept or not (what a gradient through ``x == max``
     masks does).
     """
-    from ..reference import _PAD, _REAL, _kernel_slices, _padded_plane, \
-        _rank_weights
+    from ..reference import _nchw, _rank_weights, _Windows
 
     x = np.asarray(x, dtype=np.float64)
     w = np.asarray(w, dtype=np.float64)
     p = make_problem(x.shape, x.dtype, w.shape, w.dtype, **kwargs)
-    g = p.geometry
-    xn = x.transpose(0, 3, 1, 2) if p.layout == "NHWC" else x
-    gy = np.asarray(grad_y, dtype=np.float64)
-    gy = gy.transpose(0, 3, 1, 2) if p.layout == "NHWC" else gy
-    plane, kind = _padded_plane(xn, g, p.pad_value)
-    slices = list(_kernel_slices(g))
-    values = np.stack([plane[:, :, r, c] for r, c in slices], axis=-1)
-    kinds = np.stack([kind[r, c] for r, c in slices], axis=-1)
-    usable = kinds == _REAL
-    if p.pad_value is not None:
-        usable |= kinds == _PAD
-    values = np.where(usable, values, 0.0)
-    is_nan = np.isnan(values)
-    group = np.broadcast_to(np.where(usable, np.where(is_nan, 0, 1), 2),
-                            values.shape)
-    neg = np.where(is_nan, 0.0, -values) + 0.0
-    scan = np.arange(len(slices))
-    tiebreak = np.broadcast_to(-scan if rule == "last" else scan,
-                               values.shape)
-    order = np.lexsort((tiebreak, neg, group), axis=-1)
+    gy = _nchw(grad_y, p.layout)
+    windows = _Windows(x, p)
+    values, usable = windows.values, windows.usable
+    scan = np.arange(len(windows.slices))
+    order = windows.rank_order(-scan if rule == "last" else None)
     k = p.pool_range
     kept = np.minimum(usable.sum(axis=-1), k)               # (Ho, Wo)
     keep = np.arange(k) < kept[..., None]                   # (Ho, Wo, k)
@@ -408,6 +392,7 @@ def tie_variant_grad_x(grad_y: np.ndarray, x: np.ndarray, w: np.ndarray,
     to_position = np.zeros(values.shape)
     np.put_along_axis(to_position, order[..., :k], to_rank, axis=-1)
     if rule == "split":
+        is_nan = np.isnan(values)
         both = usable[..., :, None] & usable[..., None, :]
         equal = ((values[..., :, None] == values[..., None, :])
                  | (is_nan[..., :, None] & is_nan[..., None, :])) & both
@@ -415,12 +400,7 @@ def tie_variant_grad_x(grad_y: np.ndarray, x: np.ndarray, w: np.ndarray,
         shared = (equal * to_position[..., None, :]).sum(axis=-1)
         to_position = np.where(members > 0, shared / np.maximum(members, 1),
                                0.0)
-    grad = np.zeros(plane.shape)
-    for pos, (r, c) in enumerate(slices):
-        grad[:, :, r, c] += to_position[..., pos]
-    grad = grad[:, :, g.pad_top:g.pad_top + g.height,
-                g.pad_left:g.pad_left + g.width]
-    return grad.transpose(0, 2, 3, 1) if p.layout == "NHWC" else grad
+    return windows.to_input(to_position)
 
 
 def _candidates(case: Any) -> List[Tuple[str, Callable[[], Dict[str, Any]]]]:
