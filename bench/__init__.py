@@ -1,0 +1,1 @@
+"""Benchmarks of sortpool_ref: python -m bench --help."""

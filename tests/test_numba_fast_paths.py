@@ -1,0 +1,205 @@
+"""Every specialised path of the Numba engine against the float64 reference.
+
+The engine (sortpool_ref/_numba_engine.py) runs different loops for
+different windows: the 2x2 register path (NHWC and NCHW) for 2x2 windows
+inside the input, the channel-tile path for every other NHWC window (any
+geometry, padding, pad_value), the scalar path for the border windows of the
+NCHW 2x2 kernel, and NHWC kernels on a channels-last copy for other NCHW
+geometries. Each geometry below is chosen to hit some of them; every one is
+compared with the reference on values with NaN, infinities, signed zeros and
+ties, for every pool_range, both layouts, both dtypes and both weight shapes,
+and checked for bit-identical results across calls and thread counts.
+"""
+
+import itertools
+
+import numba
+import numpy as np
+import pytest
+
+from sortpool_ref import _numba_engine as engine
+from sortpool_ref import reference
+from sortpool_ref._checks import make_problem
+from sortpool_ref.testing import assert_close, tolerance_scale
+from sortpool_ref.testing.strategies import array_of
+
+# name: (geometry keywords, (H, W)); the comment says which paths it hits.
+GEOMETRIES = {
+    # 2x2 register path only (every window inside the input).
+    "2x2": (dict(kernel_size=2), (6, 8)),
+    # Register path inside, border paths on the first/last row and column.
+    "2x2 p1": (dict(kernel_size=2, padding=1), (5, 7)),
+    "2x2 p1 pad=-0.5": (dict(kernel_size=2, padding=1, pad_value=-0.5),
+                        (5, 6)),
+    # Overlapping windows in both directions (accumulating grad_x).
+    "2x2 s1": (dict(kernel_size=2, stride=1), (5, 6)),
+    # Dilated register path, plus a ceil_mode border.
+    "2x2 s1 d2 ceil": (dict(kernel_size=2, stride=(1, 2), dilation=2,
+                            ceil_mode=True), (6, 7)),
+    # Tile path: overlapping 3x3 windows with absent / valued padding.
+    "3x3 s2 p1": (dict(kernel_size=3, stride=2, padding=1), (7, 9)),
+    "3x3 s2 p1 pad=0": (dict(kernel_size=3, stride=2, padding=1,
+                             pad_value=0.0), (6, 7)),
+    # Tile path, generic: non-square kernel, dilation, 'same' padding.
+    "2x3 same": (dict(kernel_size=(2, 3), stride=(1, 2), dilation=(2, 1),
+                      padding="same"), (5, 8)),
+}
+
+VALUES = ("distinct", "ties", "special")
+
+
+def _problem(x, w, layout, geo):
+    return make_problem(x.shape, x.dtype, w.shape, w.dtype, layout=layout,
+                        **geo)
+
+
+def _weights(rng, channels, k, per_channel):
+    return rng.normal(size=(channels, k) if per_channel else (k,))
+
+
+def _compare(x, w, p, gy, what=""):
+    dtype = p.dtype
+    y = engine.forward(x, w, p)
+    assert_close(y, reference.forward(x, w, p), dtype,
+                 tolerance_scale("y", x, w, weighting=p.weighting),
+                 f"y {what}")
+    gx, gw = engine.backward(gy, x, w, p)
+    gx_ref, gw_ref = reference.backward(gy, x, w, p)
+    assert gx.shape == x.shape and gw.shape == w.shape
+    assert_close(gx, gx_ref, dtype,
+                 tolerance_scale("grad_x", x, w, gy, p.weighting,
+                                 p.geometry.window_size), f"grad_x {what}")
+    assert_close(gw, gw_ref, dtype,
+                 tolerance_scale("grad_w", x, w, gy, p.weighting),
+                 f"grad_w {what}")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+@pytest.mark.parametrize("name", list(GEOMETRIES))
+def test_paths_match_reference(name, layout, dtype):
+    geo, (height, width) = GEOMETRIES[name]
+    channels = 5  # not a multiple of any vector width
+    shape = ((2, height, width, channels) if layout == "NHWC"
+             else (2, channels, height, width))
+    window = np.prod(np.broadcast_to(geo["kernel_size"], 2))
+    seed = 0
+    for values, k, per_channel in itertools.product(
+            VALUES, range(1, window + 1), (False, True)):
+        seed += 1
+        rng = np.random.default_rng(seed)
+        x = array_of(values, shape, dtype, seed)
+        w = _weights(rng, channels, k, per_channel)
+        for weighting in ("softmax", "raw"):
+            p = _problem(x, w, layout, dict(geo, weighting=weighting))
+            gy = array_of("normal", p.out_shape, dtype, seed + 1)
+            _compare(x, w, p, gy, f"{name} {values} k={k} "
+                     f"per_channel={per_channel} {weighting}")
+
+
+def _all_windows_2x2():
+    """Every 2x2 window over a pool of special values, one window per
+    output position: ranks of NaN, +-inf, -0.0 vs +0.0 and ties."""
+    pool = np.array([np.nan, np.inf, -np.inf, 1.0, 0.0, -0.0])
+    combos = np.array(list(itertools.product(range(len(pool)), repeat=4)))
+    vals = pool[combos]  # (1296, 4) in scan order
+    return vals
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+@pytest.mark.parametrize("across", ["channels", "columns"])
+def test_2x2_register_path_every_special_window(across, layout, dtype):
+    """All 6**4 windows of special values, laid out along the vectorised
+    axis of either layout (channels or output columns)."""
+    vals = _all_windows_2x2().astype(dtype)
+    nw = vals.shape[0]
+    if across == "channels":
+        nhwc = vals.T.reshape(1, 2, 2, nw)
+    else:
+        nhwc = vals.reshape(1, nw, 2, 2).transpose(0, 2, 1, 3).reshape(
+            1, 2, 2 * nw, 1)
+    x = np.ascontiguousarray(nhwc if layout == "NHWC"
+                             else nhwc.transpose(0, 3, 1, 2))
+    channels = x.shape[3] if layout == "NHWC" else x.shape[1]
+    rng = np.random.default_rng(1)
+    for k in range(1, 5):
+        w = rng.normal(size=(k,))
+        p = _problem(x, w, layout, dict(kernel_size=2))
+        gy = array_of("normal", p.out_shape, dtype, k)
+        _compare(x, w, p, gy, f"k={k}")
+        wc = _weights(rng, channels, k, True)
+        p = _problem(x, wc, layout, dict(kernel_size=2))
+        _compare(x, wc, p, gy, f"k={k} per-channel")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("pad_value", [None, 0.0])
+def test_tile_path_special_windows(pad_value, dtype):
+    """3x3 windows of NaN, +-inf, signed zeros and ties with zero padding
+    that ties with real zeros: the tile path's stable insertion."""
+    rng = np.random.default_rng(5)
+    pool = np.array([np.nan, np.inf, -np.inf, 1.0, 0.0, -0.0, 0.0, 1.0])
+    x = pool[rng.integers(0, len(pool), size=(3, 7, 7, 19))].astype(dtype)
+    for k in (1, 2, 3, 5, 9):
+        w = rng.normal(size=(k,))
+        p = _problem(x, w, "NHWC", dict(kernel_size=3, stride=2, padding=1,
+                                         pad_value=pad_value))
+        gy = array_of("normal", p.out_shape, dtype, k)
+        _compare(x, w, p, gy, f"k={k}")
+
+
+@pytest.mark.parametrize("memory", ["NCHW", "NHWC", "strided"])
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+def test_memory_orders(layout, memory):
+    """The engine picks its kernels from the memory order of x; any order
+    gives the reference's numbers, in the layout asked for."""
+    base = array_of("ties", (2, 6, 10, 8), np.float32, 3)  # NHWC data
+    if memory == "strided":
+        data = base[:, :, ::2, :]
+    elif memory == "NCHW":
+        data = np.ascontiguousarray(base.transpose(0, 3, 1, 2)).transpose(
+            0, 2, 3, 1)
+    else:
+        data = base
+    x = data if layout == "NHWC" else data.transpose(0, 3, 1, 2)
+    rng = np.random.default_rng(0)
+    for geo in (dict(kernel_size=2), dict(kernel_size=3, stride=2,
+                                          padding=1)):
+        w = rng.normal(size=(3,))
+        p = _problem(x, w, layout, geo)
+        gy = array_of("normal", p.out_shape, np.float32, 2)
+        gy_odd = np.asfortranarray(gy)  # grad_y in yet another order
+        _compare(x, w, p, gy_odd, f"{geo}")
+
+
+def _bits(a):
+    a = np.ascontiguousarray(a)
+    return a.view(np.uint8).tobytes()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+@pytest.mark.parametrize("name", ["2x2", "2x2 p1", "3x3 s2 p1"])
+def test_bit_identical_across_calls_and_threads(name, layout, dtype):
+    geo, _ = GEOMETRIES[name]
+    # Enough rows for several weight-gradient chunks and parity passes.
+    shape = ((3, 21, 17, 6) if layout == "NHWC" else (3, 6, 21, 17))
+    x = array_of("ties", shape, dtype, 11)
+    channels = shape[3] if layout == "NHWC" else shape[1]
+    w = np.random.default_rng(2).normal(size=(channels, 3))
+    p = _problem(x, w, layout, geo)
+    gy = array_of("normal", p.out_shape, dtype, 12)
+    threads = numba.get_num_threads()
+    results = []
+    try:
+        for n_threads in (1, min(2, numba.config.NUMBA_NUM_THREADS), 1,
+                          numba.config.NUMBA_NUM_THREADS):
+            numba.set_num_threads(n_threads)
+            y = engine.forward(x, w, p)
+            gx, gw = engine.backward(gy, x, w, p)
+            results.append((_bits(y), _bits(gx), _bits(gw)))
+    finally:
+        numba.set_num_threads(threads)
+    assert all(r == results[0] for r in results[1:])
+    _compare(x, w, p, gy, name)
