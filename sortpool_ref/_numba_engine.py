@@ -669,6 +669,20 @@ def _from(a: np.ndarray, memory: str, layout: str) -> np.ndarray:
         a.transpose(0, 3, 1, 2)
 
 
+def _result(a: np.ndarray, kernel_memory: str, x: np.ndarray,
+            layout: str) -> np.ndarray:
+    """A kernel's result (C-contiguous in ``kernel_memory`` order) in the
+    declared layout, stored in the memory order of ``x``: a C-contiguous
+    NCHW input gives a C-contiguous NCHW result even when the kernels ran
+    on a channels-last copy, and a channels-last input keeps channels-last
+    results (as PyTorch does)."""
+    memory = _memory_layout(x, layout) or layout
+    view = _from(a, kernel_memory, layout)
+    if memory == kernel_memory:
+        return view
+    return _from(_to(view, layout, memory, a.dtype), memory, layout)
+
+
 def _kernel_memory(x: np.ndarray, p: Problem) -> str:
     """Which kernels run: NCHW ones only for 2x2 on NCHW-ordered memory."""
     memory = _memory_layout(x, p.layout) or p.layout
@@ -705,7 +719,7 @@ def forward(x: np.ndarray, w: np.ndarray, p: Problem) -> np.ndarray:
             _forward_nchw_2x2(xm, table, p.per_channel, p.pool_range,
                               *_geometry_args(p), oh_lo, oh_hi, ow_lo,
                               ow_hi, y)
-    return _from(y, memory, p.layout)
+    return _result(y, memory, x, p.layout)
 
 
 _CHUNKS = 256  # weight-gradient slots; fixed, so results do not depend on
@@ -752,5 +766,5 @@ def backward(grad_y: np.ndarray, x: np.ndarray, w: np.ndarray,
     partials = np.transpose(per_channel, (2, 0, 1))
     with np.errstate(invalid="ignore", over="ignore"):
         grad_w = weight_grad_from_partials(table64, partials, p.weighting)
-    return (_from(gx, memory, p.layout),
+    return (_result(gx, memory, x, p.layout),
             grad_w.reshape(w.shape).astype(p.weight_dtype))

@@ -16,6 +16,7 @@ from hypothesis import settings  # noqa: E402
 import sortpool_ref  # noqa: E402
 import sortpool_ref.testing  # noqa: E402
 from sortpool_ref import _numba_engine, reference  # noqa: E402
+from sortpool_ref.testing import assert_close, tolerance_scale  # noqa: E402
 from sortpool_ref._engines import engine_problem  # noqa: E402
 from sortpool_ref.testing import (ConformanceError,  # noqa: E402
                                   assert_close, assert_matches_reference,
@@ -256,7 +257,21 @@ def test_pool_range_1_is_max_pool2d(options, channels_last):
     gy = g[..., :ya.shape[2], :ya.shape[3]]
     (ga,) = torch.autograd.grad(ya, xa, gy)
     (gb,) = torch.autograd.grad(yb, xb, gy)
-    assert torch.equal(ga, gb)
+    kernel = np.broadcast_to(options["kernel_size"], 2)
+    stride = np.broadcast_to(options.get("stride", kernel), 2)
+    dilation = np.broadcast_to(options.get("dilation", 1), 2)
+    if np.all(stride >= (kernel - 1) * dilation + 1):
+        # Each input is in at most one window: one term, bit-exact.
+        assert torch.equal(ga, gb)
+    else:
+        # Overlapping windows add several terms; PyTorch and the engine
+        # may add them in different orders (last-ulp differences). The
+        # routing is what this test is about: same positions, same sums.
+        assert torch.equal(ga != 0, gb != 0)
+        assert_close(ga.numpy(), gb.numpy(), np.float64,
+                     tolerance_scale("grad_x", x0.numpy(), np.zeros(1),
+                                     gy.numpy(), window_size=int(
+                                         np.prod(kernel))))
 
 
 def test_pool_range_1_propagates_nan_like_max_pool2d():
