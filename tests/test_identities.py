@@ -275,3 +275,27 @@ def test_global_pooling_up_to_the_whole_window(engine):
         expected = np.einsum("r,nrc->nc", p, ranked)
         assert_close(y[:, 0, 0, :], expected, np.float64,
                      tolerance_scale("y", x, w))
+
+
+@pytest.mark.parametrize("geometry", [dict(kernel_size=2),
+                                      dict(kernel_size=3, stride=2,
+                                           padding=1)])
+def test_numba_results_keep_the_memory_order_of_x(geometry):
+    """docs/numerics.md: C-contiguous in, C-contiguous out; channels-last
+    NCHW in, channels-last out."""
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(2, 3, 7, 8))
+    channels_last = np.ascontiguousarray(x.transpose(0, 2, 3, 1)) \
+        .transpose(0, 3, 1, 2)
+    w = rng.normal(size=2)
+    for xx, contiguous_as in ((x, (0, 1, 2, 3)), (channels_last,
+                                                  (0, 2, 3, 1))):
+        y = sortpool_ref.sortpool2d(xx, w, layout="NCHW", engine="numba",
+                                    **geometry)
+        gx, _ = sortpool_ref.sortpool2d_backward(
+            np.ones_like(y), xx, w, layout="NCHW", engine="numba",
+            **geometry)
+        assert y.transpose(contiguous_as).flags.c_contiguous
+        assert gx.transpose(contiguous_as).flags.c_contiguous
+        np.testing.assert_array_equal(y, reference.sortpool2d(
+            xx, w, layout="NCHW", **geometry))
