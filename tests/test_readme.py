@@ -22,3 +22,11 @@ def test_readme_example_runs():
 def test_readme_names_the_commands_ci_runs():
     text = README.read_text()
     assert "<!-- test-command -->" in text and "<!-- main-command -->" in text
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    text = README.read_text()
+    block = re.search(r"<!-- test-command -->\s*```bash\n(.*?)\n```", text,
+                      re.S).group(1).strip()
+    ci = (README.parent / ".ci" / "run").read_text().splitlines()
+    assert block in [line.strip() for line in ci]
