@@ -12,21 +12,30 @@ whole vectors of channels/columns.
 
 Kernels and where they run (docs/performance.md has the measurements):
 
-* ``2x2`` register path, NHWC (forward and backward) and NCHW (forward):
-  windows of a 2x2 kernel (any stride
-  and dilation) that lie entirely inside the input. The four values of a
-  window are sorted by a 5-comparator network; the backward ranks each
-  position by its 6 pairwise comparisons (stable by construction).
+* register paths, NHWC: windows of a 2x2 or a 3x3 kernel (any stride and
+  dilation) that lie entirely inside the input, innermost loop over the
+  channels. The forward sorts the 4 or 9 values with a compare-exchange
+  network (5 or 25 comparators) and writes NaN where a window holds one;
+  the backward ranks each position by its pairwise comparisons (stable by
+  construction) and picks its weight from a zero-padded table.
+* 2x2 register path, NCHW (forward): innermost loop over output columns.
 * channel tile path, NHWC: every other window, any geometry, padding and
   ``pad_value``. Which positions of a window are real, padded or absent is
   the same for every channel, so the window's top-k is built by insertion
   into a small (pool_range, C) scratch tile with whole-channel-vector
   compare-exchanges.
 * scalar path: the per-window, per-channel insertion used for the border
-  windows of the NCHW 2x2 forward.
+  windows of the NCHW 2x2 kernel.
 * NCHW geometries other than 2x2, and every backward of NCHW data, run
   the NHWC kernels on a channels-last copy (the backward so that grad_w is
   summed in one order, bit-identical whatever the layout).
+
+Compile time: helpers are plain ``@njit`` functions that LLVM inlines, not
+``inline="always"`` (Numba-level inlining made each kernel several times
+slower to compile), except in the backward bodies, where LLVM left some of
+them as calls. The forward row functions are compiled once per literal
+pool_range (``numba.literally``), so that the sorting network's unused
+outputs are removed; each specialisation is a separate function.
 
 Ranking predicate: ``a`` ranks strictly above ``b`` when ``a > b`` or ``a`` is
 NaN and ``b`` is not. A compare-exchange of an earlier position ``a`` with a
@@ -46,7 +55,7 @@ afterwards. Results are therefore bit-identical whatever the thread count.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import literally, njit, prange
 
 from ._checks import Problem, softmax_table, weight_grad_from_partials
 
@@ -55,13 +64,13 @@ from ._checks import Problem, softmax_table, weight_grad_from_partials
 # Ranking primitives
 # --------------------------------------------------------------------------
 
-@njit(inline="always")
+@njit
 def _ranks_above(a, b):
     """Whether value a takes a strictly higher rank than b (NaN on top)."""
     return a > b or (a != a and b == b)
 
 
-@njit(inline="always")
+@njit
 def _later_wins(a, b):
     """For a earlier than b in scan order: whether b ranks above a.
 
@@ -73,46 +82,174 @@ def _later_wins(a, b):
 
 @njit(inline="always")
 def _sort4(a0, a1, a2, a3):
-    """The 4 values in decreasing rank order (values only)."""
-    s = _later_wins(a0, a1)
+    """The 4 values in decreasing rank order (values only, NaN on top); the
+    compare-exchanges of _sort4_nan_free with _later_wins written out."""
+    s = (a0 == a0) & ~(a0 >= a1)
     a0, a1 = (a1 if s else a0), (a0 if s else a1)
-    s = _later_wins(a2, a3)
+    s = (a2 == a2) & ~(a2 >= a3)
     a2, a3 = (a3 if s else a2), (a2 if s else a3)
-    s = _later_wins(a0, a2)
+    s = (a0 == a0) & ~(a0 >= a2)
     a0, a2 = (a2 if s else a0), (a0 if s else a2)
-    s = _later_wins(a1, a3)
+    s = (a1 == a1) & ~(a1 >= a3)
     a1, a3 = (a3 if s else a1), (a1 if s else a3)
-    s = _later_wins(a1, a2)
+    s = (a1 == a1) & ~(a1 >= a2)
     a1, a2 = (a2 if s else a1), (a1 if s else a2)
     return a0, a1, a2, a3
 
 
+@njit
+def _cx(a, b):
+    """Compare-exchange for NaN-free values: (higher, lower), ties kept in
+    place. ``b if a < b else a`` is one vmaxps and ``a if a < b else b`` one
+    vminps, against five instructions for the NaN-aware form; callers
+    replace the result of every window holding a NaN."""
+    s = a < b
+    return (b if s else a), (a if s else b)
+
+
+@njit
+def _sort4_nan_free(a0, a1, a2, a3):
+    """The 4 values in decreasing order, exact when none is NaN."""
+    a0, a1 = _cx(a0, a1)
+    a2, a3 = _cx(a2, a3)
+    a0, a2 = _cx(a0, a2)
+    a1, a3 = _cx(a1, a3)
+    a1, a2 = _cx(a1, a2)
+    return a0, a1, a2, a3
+
+
+@njit
+def _sort9_nan_free(a0, a1, a2, a3, a4, a5, a6, a7, a8):
+    """The 9 values in decreasing order, exact when none is NaN: a
+    25-comparator sorting network (checked by the 0-1 principle in
+    tests/test_numba_fast_paths.py). With a literal pool_range only the
+    comparators that reach the kept outputs survive LLVM's dead-code
+    elimination (13 for k = 1, 20 for k = 2)."""
+    a0, a3 = _cx(a0, a3)
+    a1, a7 = _cx(a1, a7)
+    a2, a5 = _cx(a2, a5)
+    a4, a8 = _cx(a4, a8)
+    a0, a7 = _cx(a0, a7)
+    a2, a4 = _cx(a2, a4)
+    a3, a8 = _cx(a3, a8)
+    a5, a6 = _cx(a5, a6)
+    a0, a2 = _cx(a0, a2)
+    a1, a3 = _cx(a1, a3)
+    a4, a5 = _cx(a4, a5)
+    a7, a8 = _cx(a7, a8)
+    a1, a4 = _cx(a1, a4)
+    a3, a6 = _cx(a3, a6)
+    a5, a7 = _cx(a5, a7)
+    a0, a1 = _cx(a0, a1)
+    a2, a4 = _cx(a2, a4)
+    a3, a5 = _cx(a3, a5)
+    a6, a8 = _cx(a6, a8)
+    a2, a3 = _cx(a2, a3)
+    a4, a5 = _cx(a4, a5)
+    a6, a7 = _cx(a6, a7)
+    a1, a2 = _cx(a1, a2)
+    a3, a4 = _cx(a3, a4)
+    a5, a6 = _cx(a5, a6)
+    return a0, a1, a2, a3, a4, a5, a6, a7, a8
+
+
 @njit(inline="always")
-def _weighted4(v0, v1, v2, v3, p0, p1, p2, p3, k):
-    """sum_{r < k} p_r v_r for the ranked values (k a literal after
-    inlining, so the unused terms vanish)."""
-    acc = p0 * v0
-    if k >= 2:
-        acc += p1 * v1
-    if k >= 3:
-        acc += p2 * v2
-    if k >= 4:
-        acc += p3 * v3
+def _sort9(a0, a1, a2, a3, a4, a5, a6, a7, a8):
+    """_sort9_nan_free's network with NaN-aware compare-exchanges
+    (_later_wins written out)."""
+    s = (a0 == a0) & ~(a0 >= a3)
+    a0, a3 = (a3 if s else a0), (a0 if s else a3)
+    s = (a1 == a1) & ~(a1 >= a7)
+    a1, a7 = (a7 if s else a1), (a1 if s else a7)
+    s = (a2 == a2) & ~(a2 >= a5)
+    a2, a5 = (a5 if s else a2), (a2 if s else a5)
+    s = (a4 == a4) & ~(a4 >= a8)
+    a4, a8 = (a8 if s else a4), (a4 if s else a8)
+    s = (a0 == a0) & ~(a0 >= a7)
+    a0, a7 = (a7 if s else a0), (a0 if s else a7)
+    s = (a2 == a2) & ~(a2 >= a4)
+    a2, a4 = (a4 if s else a2), (a2 if s else a4)
+    s = (a3 == a3) & ~(a3 >= a8)
+    a3, a8 = (a8 if s else a3), (a3 if s else a8)
+    s = (a5 == a5) & ~(a5 >= a6)
+    a5, a6 = (a6 if s else a5), (a5 if s else a6)
+    s = (a0 == a0) & ~(a0 >= a2)
+    a0, a2 = (a2 if s else a0), (a0 if s else a2)
+    s = (a1 == a1) & ~(a1 >= a3)
+    a1, a3 = (a3 if s else a1), (a1 if s else a3)
+    s = (a4 == a4) & ~(a4 >= a5)
+    a4, a5 = (a5 if s else a4), (a4 if s else a5)
+    s = (a7 == a7) & ~(a7 >= a8)
+    a7, a8 = (a8 if s else a7), (a7 if s else a8)
+    s = (a1 == a1) & ~(a1 >= a4)
+    a1, a4 = (a4 if s else a1), (a1 if s else a4)
+    s = (a3 == a3) & ~(a3 >= a6)
+    a3, a6 = (a6 if s else a3), (a3 if s else a6)
+    s = (a5 == a5) & ~(a5 >= a7)
+    a5, a7 = (a7 if s else a5), (a5 if s else a7)
+    s = (a0 == a0) & ~(a0 >= a1)
+    a0, a1 = (a1 if s else a0), (a0 if s else a1)
+    s = (a2 == a2) & ~(a2 >= a4)
+    a2, a4 = (a4 if s else a2), (a2 if s else a4)
+    s = (a3 == a3) & ~(a3 >= a5)
+    a3, a5 = (a5 if s else a3), (a3 if s else a5)
+    s = (a6 == a6) & ~(a6 >= a8)
+    a6, a8 = (a8 if s else a6), (a6 if s else a8)
+    s = (a2 == a2) & ~(a2 >= a3)
+    a2, a3 = (a3 if s else a2), (a2 if s else a3)
+    s = (a4 == a4) & ~(a4 >= a5)
+    a4, a5 = (a5 if s else a4), (a4 if s else a5)
+    s = (a6 == a6) & ~(a6 >= a7)
+    a6, a7 = (a7 if s else a6), (a6 if s else a7)
+    s = (a1 == a1) & ~(a1 >= a2)
+    a1, a2 = (a2 if s else a1), (a1 if s else a2)
+    s = (a3 == a3) & ~(a3 >= a4)
+    a3, a4 = (a4 if s else a3), (a3 if s else a4)
+    s = (a5 == a5) & ~(a5 >= a6)
+    a5, a6 = (a6 if s else a5), (a5 if s else a6)
+    return a0, a1, a2, a3, a4, a5, a6, a7, a8
+
+
+# The comparators of _sort9_nan_free, for the test that proves it sorts.
+SORT9_NETWORK = ((0, 3), (1, 7), (2, 5), (4, 8), (0, 7), (2, 4), (3, 8),
+                 (5, 6), (0, 2), (1, 3), (4, 5), (7, 8), (1, 4), (3, 6),
+                 (5, 7), (0, 1), (2, 4), (3, 5), (6, 8), (2, 3), (4, 5),
+                 (6, 7), (1, 2), (3, 4), (5, 6))
+
+
+@njit
+def _any_nan4(a0, a1, a2, a3):
+    return (a0 != a0) | (a1 != a1) | (a2 != a2) | (a3 != a3)
+
+
+@njit
+def _any_nan9(a0, a1, a2, a3, a4, a5, a6, a7, a8):
+    return ((a0 != a0) | (a1 != a1) | (a2 != a2) | (a3 != a3) | (a4 != a4)
+            | (a5 != a5) | (a6 != a6) | (a7 != a7) | (a8 != a8))
+
+
+@njit
+def _weighted(v0, v1, v2, v3, v4, v5, v6, v7, v8, tb, c, kk):
+    """sum_{r < kk} tb[r, c] v_r; kk is the pool_range as a literal, so the
+    unused terms vanish at compile time."""
+    acc = tb[0, c] * v0
+    if kk > 1:
+        acc += tb[1, c] * v1
+    if kk > 2:
+        acc += tb[2, c] * v2
+    if kk > 3:
+        acc += tb[3, c] * v3
+    if kk > 4:
+        acc += tb[4, c] * v4
+    if kk > 5:
+        acc += tb[5, c] * v5
+    if kk > 6:
+        acc += tb[6, c] * v6
+    if kk > 7:
+        acc += tb[7, c] * v7
+    if kk > 8:
+        acc += tb[8, c] * v8
     return acc
-
-
-@njit(inline="always")
-def _rank_weight(rank, p0, p1, p2, p3, k, zero):
-    """p_rank if rank < k else 0, as selects."""
-    w = zero
-    w = p0 if rank == 0 else w
-    if k >= 2:
-        w = p1 if rank == 1 else w
-    if k >= 3:
-        w = p2 if rank == 2 else w
-    if k >= 4:
-        w = p3 if rank == 3 else w
-    return w
 
 
 @njit(inline="always")
@@ -128,28 +265,167 @@ def _ranks4(a0, a1, a2, a3, one, zero):
     b12 = one if (a1 != a1) | (a1 >= a2) else zero
     b13 = one if (a1 != a1) | (a1 >= a3) else zero
     b23 = one if (a2 != a2) | (a2 >= a3) else zero
-    r0 = 3 - b01 - b02 - b03
-    r1 = b01 + 2 - b12 - b13
-    r2 = b02 + b12 + 1 - b23
+    r0 = (one - b01) + (one - b02) + (one - b03)
+    r1 = b01 + (one - b12) + (one - b13)
+    r2 = b02 + b12 + (one - b23)
     r3 = b03 + b13 + b23
     return r0, r1, r2, r3
 
 
+@njit(inline="always")
+def _ranks9(a0, a1, a2, a3, a4, a5, a6, a7, a8, one, zero):
+    """Stable ranks of 9 positions from their 36 pairwise comparisons (as
+    _ranks4)."""
+    n0 = a0 != a0
+    n1 = a1 != a1
+    n2 = a2 != a2
+    n3 = a3 != a3
+    n4 = a4 != a4
+    n5 = a5 != a5
+    n6 = a6 != a6
+    n7 = a7 != a7
+    b01 = one if n0 | (a0 >= a1) else zero
+    b02 = one if n0 | (a0 >= a2) else zero
+    b03 = one if n0 | (a0 >= a3) else zero
+    b04 = one if n0 | (a0 >= a4) else zero
+    b05 = one if n0 | (a0 >= a5) else zero
+    b06 = one if n0 | (a0 >= a6) else zero
+    b07 = one if n0 | (a0 >= a7) else zero
+    b08 = one if n0 | (a0 >= a8) else zero
+    b12 = one if n1 | (a1 >= a2) else zero
+    b13 = one if n1 | (a1 >= a3) else zero
+    b14 = one if n1 | (a1 >= a4) else zero
+    b15 = one if n1 | (a1 >= a5) else zero
+    b16 = one if n1 | (a1 >= a6) else zero
+    b17 = one if n1 | (a1 >= a7) else zero
+    b18 = one if n1 | (a1 >= a8) else zero
+    b23 = one if n2 | (a2 >= a3) else zero
+    b24 = one if n2 | (a2 >= a4) else zero
+    b25 = one if n2 | (a2 >= a5) else zero
+    b26 = one if n2 | (a2 >= a6) else zero
+    b27 = one if n2 | (a2 >= a7) else zero
+    b28 = one if n2 | (a2 >= a8) else zero
+    b34 = one if n3 | (a3 >= a4) else zero
+    b35 = one if n3 | (a3 >= a5) else zero
+    b36 = one if n3 | (a3 >= a6) else zero
+    b37 = one if n3 | (a3 >= a7) else zero
+    b38 = one if n3 | (a3 >= a8) else zero
+    b45 = one if n4 | (a4 >= a5) else zero
+    b46 = one if n4 | (a4 >= a6) else zero
+    b47 = one if n4 | (a4 >= a7) else zero
+    b48 = one if n4 | (a4 >= a8) else zero
+    b56 = one if n5 | (a5 >= a6) else zero
+    b57 = one if n5 | (a5 >= a7) else zero
+    b58 = one if n5 | (a5 >= a8) else zero
+    b67 = one if n6 | (a6 >= a7) else zero
+    b68 = one if n6 | (a6 >= a8) else zero
+    b78 = one if n7 | (a7 >= a8) else zero
+    r0 = ((one - b01) + (one - b02) + (one - b03) + (one - b04) + (one - b05)
+          + (one - b06) + (one - b07) + (one - b08))
+    r1 = (b01 + (one - b12) + (one - b13) + (one - b14) + (one - b15)
+          + (one - b16) + (one - b17) + (one - b18))
+    r2 = (b02 + b12 + (one - b23) + (one - b24) + (one - b25) + (one - b26)
+          + (one - b27) + (one - b28))
+    r3 = (b03 + b13 + b23 + (one - b34) + (one - b35) + (one - b36)
+          + (one - b37) + (one - b38))
+    r4 = (b04 + b14 + b24 + b34 + (one - b45) + (one - b46) + (one - b47)
+          + (one - b48))
+    r5 = (b05 + b15 + b25 + b35 + b45 + (one - b56) + (one - b57)
+          + (one - b58))
+    r6 = (b06 + b16 + b26 + b36 + b46 + b56 + (one - b67) + (one - b68))
+    r7 = (b07 + b17 + b27 + b37 + b47 + b57 + b67 + (one - b78))
+    r8 = (b08 + b18 + b28 + b38 + b48 + b58 + b68 + b78)
+    return r0, r1, r2, r3, r4, r5, r6, r7, r8
+
+
 # --------------------------------------------------------------------------
-# 2x2 register path, NHWC: one window, all channels
+# Register paths, NHWC: one window inside the input, all channels
 # --------------------------------------------------------------------------
+#
+# kk is the pool_range as a compile-time literal (1-4), or 0 when it is only
+# known at run time (3x3 windows with pool_range 5-9). Every window holding a
+# NaN gives NaN (a NaN ranks first, and p_1 * NaN is NaN), so the forward
+# sorts with the NaN-free compare-exchange and then writes NaN where any of
+# the window's values is NaN: bit-identical to sorting with NaN on top.
 
 @njit(inline="always")
-def _fwd_2x2_nhwc(x0, x1, x2, x3, tb, y, k):
+def _fwd_2x2_nhwc(x0, x1, x2, x3, tb, y, kk):
+    nan = y.dtype.type(np.nan)
     for c in range(y.shape[0]):
-        v0, v1, v2, v3 = _sort4(x0[c], x1[c], x2[c], x3[c])
-        y[c] = _weighted4(v0, v1, v2, v3, tb[0, c], tb[min(1, k - 1), c],
-                          tb[min(2, k - 1), c], tb[min(3, k - 1), c], k)
+        a0 = x0[c]
+        a1 = x1[c]
+        a2 = x2[c]
+        a3 = x3[c]
+        v0, v1, v2, v3 = _sort4_nan_free(a0, a1, a2, a3)
+        acc = _weighted(v0, v1, v2, v3, v3, v3, v3, v3, v3, tb, c, kk)
+        y[c] = nan if _any_nan4(a0, a1, a2, a3) else acc
 
 
 @njit(inline="always")
-def _bwd_2x2_nhwc(x0, x1, x2, x3, g, tb, gx0, gx1, gx2, gx3, acc, scr,
-                  overwrite, k):
+def _fwd_3x3_nhwc(r0, r1, r2, c0, dw, tb, y, kk):
+    """Window whose rows are r0, r1, r2 (each (W, C)), columns c0, c0 + dw,
+    c0 + 2 dw."""
+    nan = y.dtype.type(np.nan)
+    x0 = r0[c0]
+    x1 = r0[c0 + dw]
+    x2 = r0[c0 + 2 * dw]
+    x3 = r1[c0]
+    x4 = r1[c0 + dw]
+    x5 = r1[c0 + 2 * dw]
+    x6 = r2[c0]
+    x7 = r2[c0 + dw]
+    x8 = r2[c0 + 2 * dw]
+    for c in range(y.shape[0]):
+        a0 = x0[c]
+        a1 = x1[c]
+        a2 = x2[c]
+        a3 = x3[c]
+        a4 = x4[c]
+        a5 = x5[c]
+        a6 = x6[c]
+        a7 = x7[c]
+        a8 = x8[c]
+        v0, v1, v2, v3, v4, v5, v6, v7, v8 = _sort9_nan_free(
+            a0, a1, a2, a3, a4, a5, a6, a7, a8)
+        acc = _weighted(v0, v1, v2, v3, v4, v5, v6, v7, v8, tb, c, kk)
+        bad = _any_nan9(a0, a1, a2, a3, a4, a5, a6, a7, a8)
+        y[c] = nan if bad else acc
+
+
+@njit(inline="always")
+def _add_rows(scr, first, dsts, overwrite):
+    """dsts[i] (+)= scr[first + i] for every row i."""
+    channels = scr.shape[1]
+    for i in range(len(dsts)):
+        src = scr[first + i]
+        dst = dsts[i]
+        if overwrite:
+            # Windows do not overlap: each position is written once, and a
+            # plain store spares reading the freshly zeroed pages.
+            for c in range(channels):
+                dst[c] = src[c]
+        else:
+            for c in range(channels):
+                dst[c] += src[c]
+
+
+@njit(inline="always")
+def _add_partials(g, scr, first, acc, k):
+    """acc[r] += g * scr[first + r] in float64, for r < k."""
+    channels = g.shape[0]
+    for r in range(k):
+        a = acc[r]
+        v = scr[first + r]
+        for c in range(channels):
+            a[c] += np.float64(g[c]) * np.float64(v[c])
+
+
+# The backward needs no literal pool_range: the weight of each position is
+# picked from a table padded with zero rows up to the window size (tpad,
+# (9, C)), so the unkept ranks select 0 exactly as a shorter chain would.
+
+@njit(inline="always")
+def _bwd_2x2_nhwc(x0, x1, x2, x3, g, tpad, gxs, acc, scr, overwrite, k):
     """One window, all channels. The ranking loop writes only the scratch
     tile ``scr`` (rows 0-3: g * weight of each position, rows 4-7: the
     ranked values); short copy loops then add them into grad_x and the
@@ -157,52 +433,125 @@ def _bwd_2x2_nhwc(x0, x1, x2, x3, g, tb, gx0, gx1, gx2, gx3, acc, scr,
     needs few runtime alias checks and vectorises it."""
     zero = x0.dtype.type(0.0)
     one = x0.dtype.type(1.0)
+    p0 = tpad[0]
+    p1 = tpad[1]
+    p2 = tpad[2]
+    p3 = tpad[3]
+    for c in range(g.shape[0]):
+        a0 = x0[c]
+        a1 = x1[c]
+        a2 = x2[c]
+        a3 = x3[c]
+        gc = g[c]
+        r0, r1, r2, r3 = _ranks4(a0, a1, a2, a3, one, zero)
+        q0 = p0[c]
+        q1 = p1[c]
+        q2 = p2[c]
+        q3 = p3[c]
+        scr[0, c] = gc * (q0 if r0 == 0 else q1 if r0 == 1 else
+                          q2 if r0 == 2 else q3)
+        scr[1, c] = gc * (q0 if r1 == 0 else q1 if r1 == 1 else
+                          q2 if r1 == 2 else q3)
+        scr[2, c] = gc * (q0 if r2 == 0 else q1 if r2 == 1 else
+                          q2 if r2 == 2 else q3)
+        scr[3, c] = gc * (q0 if r3 == 0 else q1 if r3 == 1 else
+                          q2 if r3 == 2 else q3)
+        v0, v1, v2, v3 = _sort4(a0, a1, a2, a3)
+        scr[4, c] = v0
+        scr[5, c] = v1
+        scr[6, c] = v2
+        scr[7, c] = v3
+    _add_rows(scr, 0, gxs, overwrite)
+    _add_partials(g, scr, 4, acc, k)
+
+
+@njit(inline="always")
+def _bwd_3x3_nhwc(xs, g, tpad, gxs, acc, scr, overwrite, k):
+    """One 3x3 window, all channels (xs, gxs: the (C,) rows of x and
+    grad_x in scan order). A first loop writes the 9 ranks and the 9
+    ranked values into the scratch tile; then one short loop per position
+    picks its weight, and one per kept rank adds the partial sums."""
+    zero = g.dtype.type(0.0)
+    one = g.dtype.type(1.0)
+    x0, x1, x2, x3, x4, x5, x6, x7, x8 = xs
     channels = g.shape[0]
     for c in range(channels):
         a0 = x0[c]
         a1 = x1[c]
         a2 = x2[c]
         a3 = x3[c]
-        gc = g[c]
-        p0 = tb[0, c]
-        p1 = tb[min(1, k - 1), c]
-        p2 = tb[min(2, k - 1), c]
-        p3 = tb[min(3, k - 1), c]
-        r0, r1, r2, r3 = _ranks4(a0, a1, a2, a3, one, zero)
-        scr[0, c] = gc * _rank_weight(r0, p0, p1, p2, p3, k, zero)
-        scr[1, c] = gc * _rank_weight(r1, p0, p1, p2, p3, k, zero)
-        scr[2, c] = gc * _rank_weight(r2, p0, p1, p2, p3, k, zero)
-        scr[3, c] = gc * _rank_weight(r3, p0, p1, p2, p3, k, zero)
-        v0, v1, v2, v3 = _sort4(a0, a1, a2, a3)
-        scr[4, c] = v0
-        scr[5, c] = v1
-        scr[6, c] = v2
-        scr[7, c] = v3
-    if overwrite:
-        # Windows do not overlap: each position is written once, and a
-        # plain store spares reading the freshly zeroed pages.
+        a4 = x4[c]
+        a5 = x5[c]
+        a6 = x6[c]
+        a7 = x7[c]
+        a8 = x8[c]
+        r0, r1, r2, r3, r4, r5, r6, r7, r8 = _ranks9(
+            a0, a1, a2, a3, a4, a5, a6, a7, a8, one, zero)
+        scr[0, c] = r0
+        scr[1, c] = r1
+        scr[2, c] = r2
+        scr[3, c] = r3
+        scr[4, c] = r4
+        scr[5, c] = r5
+        scr[6, c] = r6
+        scr[7, c] = r7
+        scr[8, c] = r8
+    # A separate loop: with the sort in the loop above LLVM left both
+    # scalar (inspect_asm).
+    for c in range(channels):
+        v0, v1, v2, v3, v4, v5, v6, v7, v8 = _sort9(
+            x0[c], x1[c], x2[c], x3[c], x4[c], x5[c], x6[c], x7[c], x8[c])
+        scr[9, c] = v0
+        scr[10, c] = v1
+        scr[11, c] = v2
+        scr[12, c] = v3
+        scr[13, c] = v4
+        scr[14, c] = v5
+        scr[15, c] = v6
+        scr[16, c] = v7
+        scr[17, c] = v8
+    # Weights loaded before the selects (a conditional load kept this loop
+    # scalar), ranks compared with constants of their own dtype.
+    p0 = tpad[0]
+    p1 = tpad[1]
+    p2 = tpad[2]
+    p3 = tpad[3]
+    p4 = tpad[4]
+    p5 = tpad[5]
+    p6 = tpad[6]
+    p7 = tpad[7]
+    p8 = tpad[8]
+    f1 = one
+    f2 = f1 + one
+    f3 = f2 + one
+    f4 = f3 + one
+    f5 = f4 + one
+    f6 = f5 + one
+    f7 = f6 + one
+    for q in range(9):
+        sq = scr[q]
         for c in range(channels):
-            gx0[c] = scr[0, c]
-        for c in range(channels):
-            gx1[c] = scr[1, c]
-        for c in range(channels):
-            gx2[c] = scr[2, c]
-        for c in range(channels):
-            gx3[c] = scr[3, c]
-    else:
-        for c in range(channels):
-            gx0[c] += scr[0, c]
-        for c in range(channels):
-            gx1[c] += scr[1, c]
-        for c in range(channels):
-            gx2[c] += scr[2, c]
-        for c in range(channels):
-            gx3[c] += scr[3, c]
-    for r in range(k):
-        a = acc[r]
-        v = scr[4 + r]
-        for c in range(channels):
-            a[c] += np.float64(g[c]) * np.float64(v[c])
+            r = sq[c]
+            w0 = p0[c]
+            w1 = p1[c]
+            w2 = p2[c]
+            w3 = p3[c]
+            w4 = p4[c]
+            w5 = p5[c]
+            w6 = p6[c]
+            w7 = p7[c]
+            w = p8[c]
+            w = w0 if r == zero else w
+            w = w1 if r == f1 else w
+            w = w2 if r == f2 else w
+            w = w3 if r == f3 else w
+            w = w4 if r == f4 else w
+            w = w5 if r == f5 else w
+            w = w6 if r == f6 else w
+            w = w7 if r == f7 else w
+            sq[c] = g[c] * w
+    _add_rows(scr, 0, gxs, overwrite)
+    _add_partials(g, scr, 9, acc, k)
 
 
 # --------------------------------------------------------------------------
@@ -354,22 +703,42 @@ def _bwd_tile_nhwc(x, n, oh, ow, go, tblT, k, kh, kw, sh, sw, dh, dw, pt,
 # --------------------------------------------------------------------------
 # NHWC kernels
 # --------------------------------------------------------------------------
+#
+# The parallel kernels hand each output row (forward) or chunk of rows
+# (backward) to a row function compiled once per literal pool_range
+# (numba.literally). Each specialisation is a separate LLVM function: the
+# same code inlined five times into one kernel took several times longer to
+# compile than five separate functions, for the same speed.
 
-@njit(inline="always")
-def _fwd_row_nhwc(x, n, oh, tblT, k, kind, geo, bnd, pos_h, pos_w, pos_s, top,
-                  top_s, carry, carry_s, y, kk):
-    """One output row; kk is the literal pool_range for the 2x2 path."""
+@njit(cache=True)
+def _fwd_row_nhwc(x, n, oh, tblT, k, kind, geo, bnd, y, kk):
+    """One output row. kind 2: 2x2 and kind 3: 3x3 register paths for the
+    windows inside the input; every other window takes the tile path."""
+    literally(kk)
     (kh, kw, sh, sw, dh, dw, pt, pb, pl, pr, has_pad, pad_value) = geo
     oh_lo, oh_hi, ow_lo, ow_hi = bnd
-    out_w = y.shape[2]
-    interior_row = kind == 1 and oh >= oh_lo and oh < oh_hi
+    channels = x.shape[3]
+    window = kh * kw
+    pos_h = np.empty(window, dtype=np.int64)
+    pos_w = np.empty(window, dtype=np.int64)
+    pos_s = np.empty(window, dtype=np.int64)
+    top = np.empty((k, channels), dtype=x.dtype)
+    top_s = np.empty((k, channels), dtype=x.dtype)
+    carry = np.empty(channels, dtype=x.dtype)
+    carry_s = np.empty(channels, dtype=x.dtype)
+    interior_row = kind > 0 and oh >= oh_lo and oh < oh_hi
     h0 = oh * sh - pt
-    for ow in range(out_w):
+    tb = tblT[k]
+    for ow in range(y.shape[2]):
         if interior_row and ow >= ow_lo and ow < ow_hi:
             c0 = ow * sw - pl
-            _fwd_2x2_nhwc(x[n, h0, c0], x[n, h0, c0 + dw],
-                          x[n, h0 + dh, c0], x[n, h0 + dh, c0 + dw],
-                          tblT[kk], y[n, oh, ow], kk)
+            if kind == 2:
+                _fwd_2x2_nhwc(x[n, h0, c0], x[n, h0, c0 + dw],
+                              x[n, h0 + dh, c0], x[n, h0 + dh, c0 + dw],
+                              tb, y[n, oh, ow], kk)
+            else:
+                _fwd_3x3_nhwc(x[n, h0], x[n, h0 + dh], x[n, h0 + 2 * dh],
+                              c0, dw, tb, y[n, oh, ow], kk)
         else:
             _fwd_tile_nhwc(x, n, oh, ow, tblT, k, kh, kw, sh, sw, dh, dw,
                            pt, pb, pl, pr, has_pad, pad_value, pos_h, pos_w,
@@ -382,39 +751,36 @@ def _forward_nhwc(x, tblT, k, kind, kh, kw, sh, sw, dh, dw, pt, pb, pl, pr,
     geo = (kh, kw, sh, sw, dh, dw, pt, pb, pl, pr, has_pad, pad_value)
     bnd = (oh_lo, oh_hi, ow_lo, ow_hi)
     out_h = y.shape[1]
-    channels = x.shape[3]
-    window = kh * kw
     for t in prange(x.shape[0] * out_h):
         n = t // out_h
         oh = t - n * out_h
-        pos_h = np.empty(window, dtype=np.int64)
-        pos_w = np.empty(window, dtype=np.int64)
-        pos_s = np.empty(window, dtype=np.int64)
-        top = np.empty((k, channels), dtype=x.dtype)
-        top_s = np.empty((k, channels), dtype=x.dtype)
-        carry = np.empty(channels, dtype=x.dtype)
-        carry_s = np.empty(channels, dtype=x.dtype)
-        if kind == 1 and k == 1:
-            _fwd_row_nhwc(x, n, oh, tblT, k, kind, geo, bnd, pos_h, pos_w,
-                          pos_s, top, top_s, carry, carry_s, y, 1)
-        elif kind == 1 and k == 2:
-            _fwd_row_nhwc(x, n, oh, tblT, k, kind, geo, bnd, pos_h, pos_w,
-                          pos_s, top, top_s, carry, carry_s, y, 2)
-        elif kind == 1 and k == 3:
-            _fwd_row_nhwc(x, n, oh, tblT, k, kind, geo, bnd, pos_h, pos_w,
-                          pos_s, top, top_s, carry, carry_s, y, 3)
-        elif kind == 1:
-            _fwd_row_nhwc(x, n, oh, tblT, k, kind, geo, bnd, pos_h, pos_w,
-                          pos_s, top, top_s, carry, carry_s, y, 4)
+        if kind == 0:
+            _fwd_row_nhwc(x, n, oh, tblT, k, kind, geo, bnd, y, 0)
+        elif k == 1:
+            _fwd_row_nhwc(x, n, oh, tblT, k, kind, geo, bnd, y, 1)
+        elif k == 2:
+            _fwd_row_nhwc(x, n, oh, tblT, k, kind, geo, bnd, y, 2)
+        elif k == 3:
+            _fwd_row_nhwc(x, n, oh, tblT, k, kind, geo, bnd, y, 3)
+        elif k == 4:
+            _fwd_row_nhwc(x, n, oh, tblT, k, kind, geo, bnd, y, 4)
+        elif k == 5:
+            _fwd_row_nhwc(x, n, oh, tblT, k, kind, geo, bnd, y, 5)
+        elif k == 6:
+            _fwd_row_nhwc(x, n, oh, tblT, k, kind, geo, bnd, y, 6)
+        elif k == 7:
+            _fwd_row_nhwc(x, n, oh, tblT, k, kind, geo, bnd, y, 7)
+        elif k == 8:
+            _fwd_row_nhwc(x, n, oh, tblT, k, kind, geo, bnd, y, 8)
         else:
-            _fwd_row_nhwc(x, n, oh, tblT, k, 0, geo, bnd, pos_h, pos_w, pos_s,
-                          top, top_s, carry, carry_s, y, 1)
+            _fwd_row_nhwc(x, n, oh, tblT, k, kind, geo, bnd, y, 9)
 
 
-@njit(inline="always")
-def _bwd_rows_nhwc(x, gy, tblT, k, kind, geo, bnd, row_lo, row_hi, gx, acc,
-                   kk):
-    """Output rows [row_lo, row_hi) (global index n * out_h + oh)."""
+@njit(cache=True)
+def _bwd_rows_nhwc(x, gy, tblT, tpad, k, kind, plain, geo, bnd, row_lo,
+                   row_hi, gx, acc):
+    """Output rows [row_lo, row_hi) (global index n * out_h + oh); plain:
+    windows do not overlap, so grad_x is stored, not accumulated."""
     (kh, kw, sh, sw, dh, dw, pt, pb, pl, pr, has_pad, pad_value) = geo
     oh_lo, oh_hi, ow_lo, ow_hi = bnd
     out_h = gy.shape[1]
@@ -429,21 +795,36 @@ def _bwd_rows_nhwc(x, gy, tblT, k, kind, geo, bnd, row_lo, row_hi, gx, acc,
     carry = np.empty(channels, dtype=x.dtype)
     carry_s = np.empty(channels, dtype=x.dtype)
     wsel = np.empty(channels, dtype=x.dtype)
-    scr = np.empty((8, channels), dtype=x.dtype)
+    scr = np.empty((18, channels), dtype=x.dtype)
+    ak = acc[k]
     for row in range(row_lo, row_hi):
         n = row // out_h
         oh = row - n * out_h
-        interior_row = kind >= 1 and oh >= oh_lo and oh < oh_hi
+        interior_row = kind > 0 and oh >= oh_lo and oh < oh_hi
         h0 = oh * sh - pt
         for ow in range(out_w):
             if interior_row and ow >= ow_lo and ow < ow_hi:
                 c0 = ow * sw - pl
-                _bwd_2x2_nhwc(x[n, h0, c0], x[n, h0, c0 + dw],
-                              x[n, h0 + dh, c0], x[n, h0 + dh, c0 + dw],
-                              gy[n, oh, ow], tblT[kk],
-                              gx[n, h0, c0], gx[n, h0, c0 + dw],
-                              gx[n, h0 + dh, c0], gx[n, h0 + dh, c0 + dw],
-                              acc[kk], scr, kind == 2, kk)
+                h1 = h0 + dh
+                c1 = c0 + dw
+                if kind == 2:
+                    _bwd_2x2_nhwc(x[n, h0, c0], x[n, h0, c1], x[n, h1, c0],
+                                  x[n, h1, c1], gy[n, oh, ow], tpad,
+                                  (gx[n, h0, c0], gx[n, h0, c1],
+                                   gx[n, h1, c0], gx[n, h1, c1]),
+                                  ak, scr, plain, k)
+                else:
+                    h2 = h1 + dh
+                    c2 = c1 + dw
+                    _bwd_3x3_nhwc(
+                        (x[n, h0, c0], x[n, h0, c1], x[n, h0, c2],
+                         x[n, h1, c0], x[n, h1, c1], x[n, h1, c2],
+                         x[n, h2, c0], x[n, h2, c1], x[n, h2, c2]),
+                        gy[n, oh, ow], tpad,
+                        (gx[n, h0, c0], gx[n, h0, c1], gx[n, h0, c2],
+                         gx[n, h1, c0], gx[n, h1, c1], gx[n, h1, c2],
+                         gx[n, h2, c0], gx[n, h2, c1], gx[n, h2, c2]),
+                        ak, scr, plain, k)
             else:
                 _bwd_tile_nhwc(x, n, oh, ow, gy[n, oh, ow], tblT, k, kh, kw,
                                sh, sw, dh, dw, pt, pb, pl, pr, has_pad,
@@ -452,9 +833,9 @@ def _bwd_rows_nhwc(x, gy, tblT, k, kind, geo, bnd, row_lo, row_hi, gx, acc,
 
 
 @njit(parallel=True, cache=True)
-def _backward_nhwc(x, gy, tblT, k, kind, kh, kw, sh, sw, dh, dw, pt, pb, pl,
-                   pr, has_pad, pad_value, oh_lo, oh_hi, ow_lo, ow_hi,
-                   rows_per_chunk, parity_passes, gx, acc):
+def _backward_nhwc(x, gy, tblT, tpad, k, kind, plain, kh, kw, sh, sw, dh, dw,
+                   pt, pb, pl, pr, has_pad, pad_value, oh_lo, oh_hi, ow_lo,
+                   ow_hi, rows_per_chunk, parity_passes, gx, acc):
     """acc[chunk, m, r, c]: float64 partial sums of g * a(r), per chunk."""
     geo = (kh, kw, sh, sw, dh, dw, pt, pb, pl, pr, has_pad, pad_value)
     bnd = (oh_lo, oh_hi, ow_lo, ow_hi)
@@ -467,22 +848,8 @@ def _backward_nhwc(x, gy, tblT, k, kind, kh, kw, sh, sw, dh, dw, pt, pb, pl,
             chunk = phase + u * step
             row_lo = chunk * rows_per_chunk
             row_hi = min(row_lo + rows_per_chunk, n_rows)
-            a = acc[chunk]
-            if kind >= 1 and k == 1:
-                _bwd_rows_nhwc(x, gy, tblT, k, kind, geo, bnd, row_lo, row_hi,
-                               gx, a, 1)
-            elif kind >= 1 and k == 2:
-                _bwd_rows_nhwc(x, gy, tblT, k, kind, geo, bnd, row_lo, row_hi,
-                               gx, a, 2)
-            elif kind >= 1 and k == 3:
-                _bwd_rows_nhwc(x, gy, tblT, k, kind, geo, bnd, row_lo, row_hi,
-                               gx, a, 3)
-            elif kind >= 1:
-                _bwd_rows_nhwc(x, gy, tblT, k, kind, geo, bnd, row_lo, row_hi,
-                               gx, a, 4)
-            else:
-                _bwd_rows_nhwc(x, gy, tblT, k, 0, geo, bnd, row_lo, row_hi, gx,
-                               a, 1)
+            _bwd_rows_nhwc(x, gy, tblT, tpad, k, kind, plain, geo, bnd,
+                           row_lo, row_hi, gx, acc[chunk])
 
 
 # --------------------------------------------------------------------------
@@ -541,12 +908,18 @@ def _gather_2x2_nchw(x0, x1, lo, hi, sw, pl, dw, scr):
         scr[3, ow] = x1[col + dw]
 
 
-@njit(inline="always")
-def _fwd_plane_nchw(x, n, c, tb, k, geo, bnd, top, top_pos, scr, y, kk):
+@njit(cache=True)
+def _fwd_plane_nchw(x, n, c, tb, k, geo, bnd, y, kk):
+    """One (sample, channel) plane, compiled once per literal pool_range."""
+    literally(kk)
     (kh, kw, sh, sw, dh, dw, pt, pb, pl, pr, has_pad, pad_value) = geo
     oh_lo, oh_hi, ow_lo, ow_hi = bnd
     out_h = y.shape[2]
     out_w = y.shape[3]
+    top = np.empty(k, dtype=x.dtype)
+    top_pos = np.empty(k, dtype=np.int64)
+    scr = np.empty((4, out_w), dtype=x.dtype)
+    nan = x.dtype.type(np.nan)
     p0 = tb[kk, 0]
     p1 = tb[kk, 1] if kk >= 2 else p0
     p2 = tb[kk, 2] if kk >= 3 else p0
@@ -573,8 +946,19 @@ def _fwd_plane_nchw(x, n, c, tb, k, geo, bnd, top, top_pos, scr, y, kk):
             s2 = scr[2]
             s3 = scr[3]
             for ow in range(lo, hi):
-                v0, v1, v2, v3 = _sort4(s0[ow], s1[ow], s2[ow], s3[ow])
-                yr[ow] = _weighted4(v0, v1, v2, v3, p0, p1, p2, p3, kk)
+                a0 = s0[ow]
+                a1 = s1[ow]
+                a2 = s2[ow]
+                a3 = s3[ow]
+                v0, v1, v2, v3 = _sort4_nan_free(a0, a1, a2, a3)
+                acc = p0 * v0
+                if kk >= 2:
+                    acc += p1 * v1
+                if kk >= 3:
+                    acc += p2 * v2
+                if kk >= 4:
+                    acc += p3 * v3
+                yr[ow] = nan if _any_nan4(a0, a1, a2, a3) else acc
         for ow in range(out_w):
             if ow >= lo and ow < hi:
                 continue
@@ -597,17 +981,14 @@ def _forward_nchw_2x2(x, table, per_channel, k, kh, kw, sh, sw, dh, dw, pt,
         n = t // channels
         c = t - n * channels
         tb = table[c if per_channel else 0]
-        top = np.empty(k, dtype=x.dtype)
-        top_pos = np.empty(k, dtype=np.int64)
-        scr = np.empty((4, y.shape[3]), dtype=x.dtype)
         if k == 1:
-            _fwd_plane_nchw(x, n, c, tb, k, geo, bnd, top, top_pos, scr, y, 1)
+            _fwd_plane_nchw(x, n, c, tb, k, geo, bnd, y, 1)
         elif k == 2:
-            _fwd_plane_nchw(x, n, c, tb, k, geo, bnd, top, top_pos, scr, y, 2)
+            _fwd_plane_nchw(x, n, c, tb, k, geo, bnd, y, 2)
         elif k == 3:
-            _fwd_plane_nchw(x, n, c, tb, k, geo, bnd, top, top_pos, scr, y, 3)
+            _fwd_plane_nchw(x, n, c, tb, k, geo, bnd, y, 3)
         else:
-            _fwd_plane_nchw(x, n, c, tb, k, geo, bnd, top, top_pos, scr, y, 4)
+            _fwd_plane_nchw(x, n, c, tb, k, geo, bnd, y, 4)
 
 
 # --------------------------------------------------------------------------
@@ -631,7 +1012,7 @@ def _plan(p: Problem):
                              g.dilation_h, g.out_h)
     ow_lo, ow_hi = _interior(g.width, g.pad_left, g.kernel_w, g.stride_w,
                              g.dilation_w, g.out_w)
-    kind = 1 if (g.kernel_h, g.kernel_w) == (2, 2) else 0
+    kind = {(2, 2): 2, (3, 3): 3}.get((g.kernel_h, g.kernel_w), 0)
     return kind, oh_lo, oh_hi, ow_lo, ow_hi
 
 
@@ -741,10 +1122,8 @@ def backward(grad_y: np.ndarray, x: np.ndarray, w: np.ndarray,
     g = p.geometry
     k = p.pool_range
     gx = np.zeros(xm.shape, dtype=p.dtype)
-    overlapping = (g.overlapping_rows or g.stride_w
-                   < (g.kernel_w - 1) * g.dilation_w + 1)
-    if kind == 1 and not overlapping:
-        kind = 2
+    plain = not (g.overlapping_rows or g.stride_w
+                 < (g.kernel_w - 1) * g.dilation_w + 1)
     rows = p.batch * g.out_h
     rows_per_chunk = max(1, -(-rows // _CHUNKS))
     passes = 1
@@ -756,7 +1135,11 @@ def backward(grad_y: np.ndarray, x: np.ndarray, w: np.ndarray,
     n_chunks = -(-rows // rows_per_chunk) if rows else 0
     acc = np.zeros((n_chunks, k + 1, k, p.channels))
     if gx.size and rows:
-        _backward_nhwc(xm, gym, _nhwc_table(table, p.channels), k, kind,
+        tblT = _nhwc_table(table, p.channels)
+        tpad = np.zeros((9, p.channels), p.dtype)
+        if kind:  # register paths: k <= window size <= 9
+            tpad[:k] = tblT[k]
+        _backward_nhwc(xm, gym, tblT, tpad, k, kind, plain,
                        *_geometry_args(p), oh_lo, oh_hi, ow_lo, ow_hi,
                        rows_per_chunk, passes, gx, acc)
     with np.errstate(invalid="ignore", over="ignore"):
