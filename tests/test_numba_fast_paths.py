@@ -1,8 +1,9 @@
 """Every specialised path of the Numba engine against the float64 reference.
 
 The engine (sortpool_ref/_numba_engine.py) runs different loops for
-different windows: the 2x2 register path (NHWC and NCHW) for 2x2 windows
-inside the input, the channel-tile path for every other NHWC window (any
+different windows: the 2x2 register path (NHWC and NCHW) and the 3x3
+register path (NHWC) for windows inside the input, the channel-tile path
+for every other NHWC window (any
 geometry, padding, pad_value), the scalar path for the border windows of the
 NCHW 2x2 kernel, and NHWC kernels on a channels-last copy for other NCHW
 geometries. Each geometry below is chosen to hit some of them; every one is
@@ -36,10 +37,15 @@ GEOMETRIES = {
     # Dilated register path, plus a ceil_mode border.
     "2x2 s1 d2 ceil": (dict(kernel_size=2, stride=(1, 2), dilation=2,
                             ceil_mode=True), (6, 7)),
-    # Tile path: overlapping 3x3 windows with absent / valued padding.
+    # 3x3 register path inside, tile path on the padded border: overlapping
+    # windows with absent / valued padding.
     "3x3 s2 p1": (dict(kernel_size=3, stride=2, padding=1), (7, 9)),
     "3x3 s2 p1 pad=0": (dict(kernel_size=3, stride=2, padding=1,
                              pad_value=0.0), (6, 7)),
+    # 3x3 register path only: dilated and overlapping in both directions;
+    # and non-overlapping (grad_x stored, not accumulated).
+    "3x3 s1 d2": (dict(kernel_size=3, stride=1, dilation=2), (7, 8)),
+    "3x3 s3": (dict(kernel_size=3, stride=3), (6, 9)),
     # Tile path, generic: non-square kernel, dilation, 'same' padding.
     "2x3 same": (dict(kernel_size=(2, 3), stride=(1, 2), dilation=(2, 1),
                       padding="same"), (5, 8)),
@@ -133,6 +139,54 @@ def test_2x2_register_path_every_special_window(across, layout, dtype):
         _compare(x, wc, p, gy, f"k={k} per-channel")
 
 
+def test_sort9_network_sorts():
+    """The 25 comparators of the 3x3 forward sort every input: by the 0-1
+    principle it is enough that they sort all 512 sequences of 0s and 1s."""
+    for bits in itertools.product((0, 1), repeat=9):
+        a = list(bits)
+        for i, j in engine.SORT9_NETWORK:
+            if a[i] < a[j]:
+                a[i], a[j] = a[j], a[i]
+        assert a == sorted(bits, reverse=True), bits
+
+
+def test_sort9_kernels_follow_the_network():
+    """The two written-out copies of the network (NaN-free and NaN-aware)
+    sort, with NaN on top in the NaN-aware one."""
+    rng = np.random.default_rng(4)
+    pool = np.array([np.nan, np.inf, -np.inf, 1.0, 0.0, -0.0, 2.0, -3.0])
+    for _ in range(300):
+        a = rng.normal(size=9).round(1)
+        got = np.array(engine._sort9_nan_free.py_func(*a))
+        np.testing.assert_array_equal(got, np.sort(a)[::-1])
+        b = pool[rng.integers(0, len(pool), size=9)]
+        got = np.array(engine._sort9.py_func(*b))
+        want = np.concatenate([b[np.isnan(b)], np.sort(b[~np.isnan(b)])[::-1]])
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+def test_3x3_register_path_special_windows(layout, dtype):
+    """3000 3x3 windows of NaN, +-inf, signed zeros and ties along the
+    channels, every pool_range: the network forward with NaN written back
+    and the pairwise-rank backward against the reference."""
+    rng = np.random.default_rng(6)
+    pool = np.array([np.nan, np.inf, -np.inf, 1.0, 0.0, -0.0, 0.0, 1.0])
+    vals = pool[rng.integers(0, len(pool), size=(3000, 9))]
+    vals[:8] = pool[:8, None]  # windows of one repeated value
+    nhwc = vals.T.reshape(1, 3, 3, -1).astype(dtype)
+    x = np.ascontiguousarray(nhwc if layout == "NHWC"
+                             else nhwc.transpose(0, 3, 1, 2))
+    for k in range(1, 10):
+        w = rng.normal(size=(k,))
+        for weighting in ("softmax", "raw"):
+            p = _problem(x, w, layout, dict(kernel_size=3,
+                                             weighting=weighting))
+            gy = array_of("normal", p.out_shape, dtype, k)
+            _compare(x, w, p, gy, f"k={k} {weighting}")
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("pad_value", [None, 0.0])
 def test_tile_path_special_windows(pad_value, dtype):
@@ -180,7 +234,7 @@ def _bits(a):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
-@pytest.mark.parametrize("name", ["2x2", "2x2 p1", "3x3 s2 p1"])
+@pytest.mark.parametrize("name", ["2x2", "2x2 p1", "3x3 s2 p1", "3x3 s1 d2"])
 def test_bit_identical_across_calls_and_threads(name, layout, dtype):
     geo, _ = GEOMETRIES[name]
     # Enough rows for several weight-gradient chunks and parity passes.
