@@ -465,28 +465,21 @@ def _bwd_2x2_nhwc(x0, x1, x2, x3, g, tpad, gxs, acc, scr, overwrite, k):
     _add_partials(g, scr, 4, acc, k)
 
 
-@njit(inline="always")
-def _bwd_3x3_nhwc(xs, g, tpad, gxs, acc, scr, overwrite, k):
-    """One 3x3 window, all channels (xs, gxs: the (C,) rows of x and
-    grad_x in scan order). A first loop writes the 9 ranks and the 9
-    ranked values into the scratch tile; then one short loop per position
-    picks its weight, and one per kept rank adds the partial sums."""
-    zero = g.dtype.type(0.0)
-    one = g.dtype.type(1.0)
+@njit(cache=True)
+def _rank_rows_3x3(xs, scr):
+    """The stable ranks of the 9 positions of a 3x3 window (xs: their (C,)
+    rows in scan order) into scr rows 0-8, its ranked values into rows
+    9-17. Two loops: with the sort in the ranking loop LLVM left both
+    scalar (inspect_asm). A function of its own, compiled once per dtype
+    and not once per pool_range, because the loops are large."""
+    zero = scr.dtype.type(0.0)
+    one = scr.dtype.type(1.0)
     x0, x1, x2, x3, x4, x5, x6, x7, x8 = xs
-    channels = g.shape[0]
+    channels = scr.shape[1]
     for c in range(channels):
-        a0 = x0[c]
-        a1 = x1[c]
-        a2 = x2[c]
-        a3 = x3[c]
-        a4 = x4[c]
-        a5 = x5[c]
-        a6 = x6[c]
-        a7 = x7[c]
-        a8 = x8[c]
         r0, r1, r2, r3, r4, r5, r6, r7, r8 = _ranks9(
-            a0, a1, a2, a3, a4, a5, a6, a7, a8, one, zero)
+            x0[c], x1[c], x2[c], x3[c], x4[c], x5[c], x6[c], x7[c], x8[c],
+            one, zero)
         scr[0, c] = r0
         scr[1, c] = r1
         scr[2, c] = r2
@@ -496,8 +489,6 @@ def _bwd_3x3_nhwc(xs, g, tpad, gxs, acc, scr, overwrite, k):
         scr[6, c] = r6
         scr[7, c] = r7
         scr[8, c] = r8
-    # A separate loop: with the sort in the loop above LLVM left both
-    # scalar (inspect_asm).
     for c in range(channels):
         v0, v1, v2, v3, v4, v5, v6, v7, v8 = _sort9(
             x0[c], x1[c], x2[c], x3[c], x4[c], x5[c], x6[c], x7[c], x8[c])
@@ -510,6 +501,16 @@ def _bwd_3x3_nhwc(xs, g, tpad, gxs, acc, scr, overwrite, k):
         scr[15, c] = v6
         scr[16, c] = v7
         scr[17, c] = v8
+
+
+@njit(cache=True)
+def _weights_3x3(scr, g, tpad, kk):
+    """scr rows 0-8 (ranks) become g * the weight of each rank: a chain of
+    kk selects for a literal kk (1-4), of all 9 ranks from the zero-padded
+    table when kk is 0. Compiled once per literal; it is small."""
+    literally(kk)
+    zero = g.dtype.type(0.0)
+    one = g.dtype.type(1.0)
     # Weights loaded before the selects (a conditional load kept this loop
     # scalar), ranks compared with constants of their own dtype.
     p0 = tpad[0]
@@ -528,28 +529,64 @@ def _bwd_3x3_nhwc(xs, g, tpad, gxs, acc, scr, overwrite, k):
     f5 = f4 + one
     f6 = f5 + one
     f7 = f6 + one
+    channels = g.shape[0]
     for q in range(9):
         sq = scr[q]
-        for c in range(channels):
-            r = sq[c]
-            w0 = p0[c]
-            w1 = p1[c]
-            w2 = p2[c]
-            w3 = p3[c]
-            w4 = p4[c]
-            w5 = p5[c]
-            w6 = p6[c]
-            w7 = p7[c]
-            w = p8[c]
-            w = w0 if r == zero else w
-            w = w1 if r == f1 else w
-            w = w2 if r == f2 else w
-            w = w3 if r == f3 else w
-            w = w4 if r == f4 else w
-            w = w5 if r == f5 else w
-            w = w6 if r == f6 else w
-            w = w7 if r == f7 else w
-            sq[c] = g[c] * w
+        if kk > 0:
+            for c in range(channels):
+                r = sq[c]
+                w0 = p0[c]
+                w1 = p1[c]
+                w2 = p2[c]
+                w3 = p3[c]
+                w = w0 if r == zero else zero
+                if kk > 1:
+                    w = w1 if r == f1 else w
+                if kk > 2:
+                    w = w2 if r == f2 else w
+                if kk > 3:
+                    w = w3 if r == f3 else w
+                sq[c] = g[c] * w
+        else:
+            for c in range(channels):
+                r = sq[c]
+                w0 = p0[c]
+                w1 = p1[c]
+                w2 = p2[c]
+                w3 = p3[c]
+                w4 = p4[c]
+                w5 = p5[c]
+                w6 = p6[c]
+                w7 = p7[c]
+                w = p8[c]
+                w = w0 if r == zero else w
+                w = w1 if r == f1 else w
+                w = w2 if r == f2 else w
+                w = w3 if r == f3 else w
+                w = w4 if r == f4 else w
+                w = w5 if r == f5 else w
+                w = w6 if r == f6 else w
+                w = w7 if r == f7 else w
+                sq[c] = g[c] * w
+
+
+@njit(inline="always")
+def _bwd_3x3_nhwc(xs, g, tpad, gxs, acc, scr, overwrite, k):
+    """One 3x3 window, all channels (xs, gxs: the (C,) rows of x and
+    grad_x in scan order): ranks and ranked values into the scratch tile,
+    then one short loop per position picks its weight, and one per kept
+    rank adds the partial sums."""
+    _rank_rows_3x3(xs, scr)
+    if k == 1:
+        _weights_3x3(scr, g, tpad, 1)
+    elif k == 2:
+        _weights_3x3(scr, g, tpad, 2)
+    elif k == 3:
+        _weights_3x3(scr, g, tpad, 3)
+    elif k == 4:
+        _weights_3x3(scr, g, tpad, 4)
+    else:
+        _weights_3x3(scr, g, tpad, 0)
     _add_rows(scr, 0, gxs, overwrite)
     _add_partials(g, scr, 9, acc, k)
 
