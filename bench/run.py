@@ -218,8 +218,15 @@ def plan(quick: bool, with_baselines: bool) -> List[Case]:
 # --------------------------------------------------------------------------
 
 _FIRST_CALL = """
+import sys
 import time
 t0 = time.perf_counter()
+if "--no-scipy" in sys.argv:
+    # As in an install with only the package's own dependencies: Numba's
+    # first compile-or-load imports SciPy, when it is there, to look for a
+    # BLAS (about 0.2 s here); the dev environment has it through the demo
+    # extra (scikit-learn).
+    sys.modules["scipy"] = None
 import numpy as np
 import sortpool_ref
 x = np.random.default_rng(0).standard_normal((2, 16, 16, 8)).astype(np.float32)
@@ -239,10 +246,12 @@ def startup_times() -> Dict[str, float]:
     with tempfile.TemporaryDirectory() as cache:
         env["NUMBA_CACHE_DIR"] = cache
         out = {}
-        for label in ("cold", "warm"):
-            res = subprocess.run([sys.executable, "-c", _FIRST_CALL],
-                                 env=env, capture_output=True, text=True,
-                                 cwd=str(ROOT), check=True)
+        for label in ("cold", "warm", "warm no-scipy"):
+            args = [sys.executable, "-c", _FIRST_CALL]
+            if label.endswith("no-scipy"):
+                args.append("--no-scipy")
+            res = subprocess.run(args, env=env, capture_output=True,
+                                 text=True, cwd=str(ROOT), check=True)
             f, b = (float(v) for v in res.stdout.split())
             out[f"{label} forward s"] = f
             out[f"{label} backward s"] = b
@@ -398,7 +407,10 @@ def report(cases: List[Case], info: Dict[str, str], start: Dict[str, float],
                   f"{start['cold backward s']:.1f} s; warm cache, from "
                   f"interpreter start to the first result "
                   f"{start['warm forward s']:.2f} s (backward then "
-                  f"{start['warm backward s']:.2f} s)."]
+                  f"{start['warm backward s']:.2f} s); the same without "
+                  f"SciPy importable (the package's own dependencies; "
+                  f"Numba imports SciPy to look for a BLAS when it is "
+                  f"there) {start['warm no-scipy forward s']:.2f} s."]
     lines += ["", target_table(cases), "", body, "", END]
     return "\n".join(lines)
 
