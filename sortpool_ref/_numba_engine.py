@@ -1209,9 +1209,17 @@ def backward(grad_y: np.ndarray, x: np.ndarray, w: np.ndarray,
     gym = _to(np.asarray(grad_y), p.layout, memory, p.dtype)
     g = p.geometry
     k = p.pool_range
-    gx = np.zeros(xm.shape, dtype=p.dtype)
     plain = not (g.overlapping_rows or g.stride_w
                  < (g.kernel_w - 1) * g.dilation_w + 1)
+    # Windows that tile the input exactly, all on a register path, store
+    # every element of grad_x once: no need to zero it first (for arrays
+    # that malloc recycles, zeroing costs as much as the kernel's pass).
+    tiles = (plain and kind > 0 and (oh_lo, oh_hi, ow_lo, ow_hi)
+             == (0, g.out_h, 0, g.out_w)
+             and (g.dilation_h, g.dilation_w) == (1, 1)
+             and g.out_h * g.kernel_h == g.height
+             and g.out_w * g.kernel_w == g.width)
+    gx = (np.empty if tiles else np.zeros)(xm.shape, dtype=p.dtype)
     rows = p.batch * g.out_h
     rows_per_chunk = max(1, -(-rows // _CHUNKS))
     passes = 1
