@@ -791,6 +791,9 @@ def _forward_nhwc(x, tblT, k, kind, kh, kw, sh, sw, dh, dw, pt, pb, pl, pr,
     for t in prange(x.shape[0] * out_h):
         n = t // out_h
         oh = t - n * out_h
+        # The ladder is the point: each call passes the pool_range as a
+        # literal constant, and numba.literally in _fwd_row_nhwc compiles
+        # one specialisation per value (0: tile path only).
         if kind == 0:
             _fwd_row_nhwc(x, n, oh, tblT, k, kind, geo, bnd, y, 0)
         elif k == 1:
