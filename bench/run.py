@@ -393,13 +393,17 @@ def report(cases: List[Case], info: Dict[str, str], start: Dict[str, float],
              "| machine | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in info.items()]
     lines += [f"| load average before / after | {loads[0]} / {loads[1]} |"]
-    busy = max(float(loads[0].split()[0]), float(loads[1].split()[0]))
+    # The load after the run includes the benchmark's own threads; only
+    # the load before it says whether other work was running.
+    busy = float(loads[0].split()[0])
     ncpu = os.cpu_count() or 1
+    lines += ["", "(The load average after the run includes the "
+              "benchmark's own threads.)"]
     if busy > 0.5 * ncpu:
-        lines += ["", f"**The machine was shared during this run** (load "
-                  f"average up to {busy:.1f} on {ncpu} logical cores): "
-                  "absolute times are inflated and noisy; the ratios, "
-                  "measured interleaved, hold better."]
+        lines += ["", f"**Other work was running when this run started** "
+                  f"(1-minute load average {busy:.1f} on {ncpu} logical "
+                  "cores): absolute times are inflated and noisy; the "
+                  "ratios, measured interleaved, hold better."]
     if start:
         lines += ["", "Start-up (fresh processes, 2x2 float32 NHWC): "
                   f"empty Numba cache (first-ever compile) forward "
