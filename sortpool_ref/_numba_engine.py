@@ -210,13 +210,6 @@ def _sort9(a0, a1, a2, a3, a4, a5, a6, a7, a8):
     return a0, a1, a2, a3, a4, a5, a6, a7, a8
 
 
-# The comparators of _sort9_nan_free, for the test that proves it sorts.
-SORT9_NETWORK = ((0, 3), (1, 7), (2, 5), (4, 8), (0, 7), (2, 4), (3, 8),
-                 (5, 6), (0, 2), (1, 3), (4, 5), (7, 8), (1, 4), (3, 6),
-                 (5, 7), (0, 1), (2, 4), (3, 5), (6, 8), (2, 3), (4, 5),
-                 (6, 7), (1, 2), (3, 4), (5, 6))
-
-
 @njit
 def _any_nan4(a0, a1, a2, a3):
     return (a0 != a0) | (a1 != a1) | (a2 != a2) | (a3 != a3)
@@ -273,17 +266,19 @@ def _ranks4(a0, a1, a2, a3, one, zero):
 
 
 @njit(inline="always")
-def _ranks9(a0, a1, a2, a3, a4, a5, a6, a7, a8, one, zero):
+def _ranks9(a0, a1, a2, a3, a4, a5, a6, a7, a8, one, zero, nan_aware):
     """Stable ranks of 9 positions from their 36 pairwise comparisons (as
-    _ranks4)."""
-    n0 = a0 != a0
-    n1 = a1 != a1
-    n2 = a2 != a2
-    n3 = a3 != a3
-    n4 = a4 != a4
-    n5 = a5 != a5
-    n6 = a6 != a6
-    n7 = a7 != a7
+    _ranks4). nan_aware is a constant at every call: False (for windows
+    known to hold no NaN) folds the NaN tests away, one comparison per
+    pair."""
+    n0 = nan_aware & (a0 != a0)
+    n1 = nan_aware & (a1 != a1)
+    n2 = nan_aware & (a2 != a2)
+    n3 = nan_aware & (a3 != a3)
+    n4 = nan_aware & (a4 != a4)
+    n5 = nan_aware & (a5 != a5)
+    n6 = nan_aware & (a6 != a6)
+    n7 = nan_aware & (a7 != a7)
     b01 = one if n0 | (a0 >= a1) else zero
     b02 = one if n0 | (a0 >= a2) else zero
     b03 = one if n0 | (a0 >= a3) else zero
@@ -466,133 +461,62 @@ def _bwd_2x2_nhwc(x0, x1, x2, x3, g, tpad, gxs, acc, scr, overwrite, k):
 
 
 @njit(inline="always")
-def _ranks9_nan_free(a0, a1, a2, a3, a4, a5, a6, a7, a8, one, zero):
-    """_ranks9 for windows without NaN: one comparison per pair."""
-    b01 = one if a0 >= a1 else zero
-    b02 = one if a0 >= a2 else zero
-    b03 = one if a0 >= a3 else zero
-    b04 = one if a0 >= a4 else zero
-    b05 = one if a0 >= a5 else zero
-    b06 = one if a0 >= a6 else zero
-    b07 = one if a0 >= a7 else zero
-    b08 = one if a0 >= a8 else zero
-    b12 = one if a1 >= a2 else zero
-    b13 = one if a1 >= a3 else zero
-    b14 = one if a1 >= a4 else zero
-    b15 = one if a1 >= a5 else zero
-    b16 = one if a1 >= a6 else zero
-    b17 = one if a1 >= a7 else zero
-    b18 = one if a1 >= a8 else zero
-    b23 = one if a2 >= a3 else zero
-    b24 = one if a2 >= a4 else zero
-    b25 = one if a2 >= a5 else zero
-    b26 = one if a2 >= a6 else zero
-    b27 = one if a2 >= a7 else zero
-    b28 = one if a2 >= a8 else zero
-    b34 = one if a3 >= a4 else zero
-    b35 = one if a3 >= a5 else zero
-    b36 = one if a3 >= a6 else zero
-    b37 = one if a3 >= a7 else zero
-    b38 = one if a3 >= a8 else zero
-    b45 = one if a4 >= a5 else zero
-    b46 = one if a4 >= a6 else zero
-    b47 = one if a4 >= a7 else zero
-    b48 = one if a4 >= a8 else zero
-    b56 = one if a5 >= a6 else zero
-    b57 = one if a5 >= a7 else zero
-    b58 = one if a5 >= a8 else zero
-    b67 = one if a6 >= a7 else zero
-    b68 = one if a6 >= a8 else zero
-    b78 = one if a7 >= a8 else zero
-    r0 = ((one - b01) + (one - b02) + (one - b03) + (one - b04) + (one - b05)
-          + (one - b06) + (one - b07) + (one - b08))
-    r1 = (b01 + (one - b12) + (one - b13) + (one - b14) + (one - b15)
-          + (one - b16) + (one - b17) + (one - b18))
-    r2 = (b02 + b12 + (one - b23) + (one - b24) + (one - b25) + (one - b26)
-          + (one - b27) + (one - b28))
-    r3 = (b03 + b13 + b23 + (one - b34) + (one - b35) + (one - b36)
-          + (one - b37) + (one - b38))
-    r4 = (b04 + b14 + b24 + b34 + (one - b45) + (one - b46) + (one - b47)
-          + (one - b48))
-    r5 = (b05 + b15 + b25 + b35 + b45 + (one - b56) + (one - b57)
-          + (one - b58))
-    r6 = (b06 + b16 + b26 + b36 + b46 + b56 + (one - b67) + (one - b68))
-    r7 = (b07 + b17 + b27 + b37 + b47 + b57 + b67 + (one - b78))
-    r8 = (b08 + b18 + b28 + b38 + b48 + b58 + b68 + b78)
-    return r0, r1, r2, r3, r4, r5, r6, r7, r8
+def _rank_sort_rows(xs, scr, nan_aware):
+    """The stable ranks of the 9 positions of a 3x3 window (xs: their (C,)
+    rows in scan order) into scr rows 0-8, its ranked values into rows
+    9-17. Two loops: with the sort in the ranking loop LLVM left both
+    scalar (inspect_asm). nan_aware is a constant (see _ranks9)."""
+    zero = scr.dtype.type(0.0)
+    one = scr.dtype.type(1.0)
+    x0, x1, x2, x3, x4, x5, x6, x7, x8 = xs
+    for c in range(scr.shape[1]):
+        r0, r1, r2, r3, r4, r5, r6, r7, r8 = _ranks9(
+            x0[c], x1[c], x2[c], x3[c], x4[c], x5[c], x6[c], x7[c], x8[c],
+            one, zero, nan_aware)
+        scr[0, c] = r0
+        scr[1, c] = r1
+        scr[2, c] = r2
+        scr[3, c] = r3
+        scr[4, c] = r4
+        scr[5, c] = r5
+        scr[6, c] = r6
+        scr[7, c] = r7
+        scr[8, c] = r8
+    for c in range(scr.shape[1]):
+        if nan_aware:
+            v0, v1, v2, v3, v4, v5, v6, v7, v8 = _sort9(
+                x0[c], x1[c], x2[c], x3[c], x4[c], x5[c], x6[c], x7[c],
+                x8[c])
+        else:
+            v0, v1, v2, v3, v4, v5, v6, v7, v8 = _sort9_nan_free(
+                x0[c], x1[c], x2[c], x3[c], x4[c], x5[c], x6[c], x7[c],
+                x8[c])
+        scr[9, c] = v0
+        scr[10, c] = v1
+        scr[11, c] = v2
+        scr[12, c] = v3
+        scr[13, c] = v4
+        scr[14, c] = v5
+        scr[15, c] = v6
+        scr[16, c] = v7
+        scr[17, c] = v8
 
 
 @njit(cache=True)
 def _rank_rows_3x3(xs, scr):
-    """The stable ranks of the 9 positions of a 3x3 window (xs: their (C,)
-    rows in scan order) into scr rows 0-8, its ranked values into rows
-    9-17. Two loops: with the sort in the ranking loop LLVM left both
-    scalar (inspect_asm). Windows without NaN (checked first, over all
-    channels) take the NaN-free comparisons. A function of its own,
-    compiled once per dtype and not once per pool_range, because the loops
-    are large."""
-    zero = scr.dtype.type(0.0)
-    one = scr.dtype.type(1.0)
+    """_rank_sort_rows for one window, NaN-aware only when one of its
+    values is NaN (checked first, over all channels). A function of its
+    own, compiled once per dtype and not once per pool_range, because the
+    loops are large."""
     x0, x1, x2, x3, x4, x5, x6, x7, x8 = xs
-    channels = scr.shape[1]
     bad = False
-    for c in range(channels):
+    for c in range(scr.shape[1]):
         bad |= _any_nan9(x0[c], x1[c], x2[c], x3[c], x4[c], x5[c], x6[c],
                          x7[c], x8[c])
     if bad:
-        for c in range(channels):
-            r0, r1, r2, r3, r4, r5, r6, r7, r8 = _ranks9(
-                x0[c], x1[c], x2[c], x3[c], x4[c], x5[c], x6[c], x7[c],
-                x8[c], one, zero)
-            scr[0, c] = r0
-            scr[1, c] = r1
-            scr[2, c] = r2
-            scr[3, c] = r3
-            scr[4, c] = r4
-            scr[5, c] = r5
-            scr[6, c] = r6
-            scr[7, c] = r7
-            scr[8, c] = r8
-        for c in range(channels):
-            v0, v1, v2, v3, v4, v5, v6, v7, v8 = _sort9(
-                x0[c], x1[c], x2[c], x3[c], x4[c], x5[c], x6[c], x7[c],
-                x8[c])
-            scr[9, c] = v0
-            scr[10, c] = v1
-            scr[11, c] = v2
-            scr[12, c] = v3
-            scr[13, c] = v4
-            scr[14, c] = v5
-            scr[15, c] = v6
-            scr[16, c] = v7
-            scr[17, c] = v8
+        _rank_sort_rows(xs, scr, True)
     else:
-        for c in range(channels):
-            r0, r1, r2, r3, r4, r5, r6, r7, r8 = _ranks9_nan_free(
-                x0[c], x1[c], x2[c], x3[c], x4[c], x5[c], x6[c], x7[c],
-                x8[c], one, zero)
-            scr[0, c] = r0
-            scr[1, c] = r1
-            scr[2, c] = r2
-            scr[3, c] = r3
-            scr[4, c] = r4
-            scr[5, c] = r5
-            scr[6, c] = r6
-            scr[7, c] = r7
-            scr[8, c] = r8
-        for c in range(channels):
-            v0, v1, v2, v3, v4, v5, v6, v7, v8 = _sort9_nan_free(
-                x0[c], x1[c], x2[c], x3[c], x4[c], x5[c], x6[c], x7[c],
-                x8[c])
-            scr[9, c] = v0
-            scr[10, c] = v1
-            scr[11, c] = v2
-            scr[12, c] = v3
-            scr[13, c] = v4
-            scr[14, c] = v5
-            scr[15, c] = v6
-            scr[16, c] = v7
-            scr[17, c] = v8
+        _rank_sort_rows(xs, scr, False)
 
 
 @njit(cache=True)
