@@ -836,7 +836,10 @@ def _forward_nhwc(x, tblT, k, kind, kh, kw, sh, sw, dh, dw, pt, pb, pl, pr,
 def _bwd_rows_nhwc(x, gy, tblT, tpad, k, kind, plain, geo, bnd, row_lo,
                    row_hi, gx, acc):
     """Output rows [row_lo, row_hi) (global index n * out_h + oh); plain:
-    windows do not overlap, so grad_x is stored, not accumulated."""
+    windows do not overlap, so grad_x is stored, not accumulated. kind is
+    a literal (2, 3, or 0 for the tile path only): with the 2x2 and the 3x3
+    bodies both in one function the 2x2 backward ran 20-25% slower."""
+    literally(kind)
     (kh, kw, sh, sw, dh, dw, pt, pb, pl, pr, has_pad, pad_value) = geo
     oh_lo, oh_hi, ow_lo, ow_hi = bnd
     out_h = gy.shape[1]
@@ -869,7 +872,7 @@ def _bwd_rows_nhwc(x, gy, tblT, tpad, k, kind, plain, geo, bnd, row_lo,
                                   (gx[n, h0, c0], gx[n, h0, c1],
                                    gx[n, h1, c0], gx[n, h1, c1]),
                                   ak, scr, plain, k)
-                else:
+                elif kind == 3:
                     h2 = h1 + dh
                     c2 = c1 + dw
                     _bwd_3x3_nhwc(
@@ -904,8 +907,15 @@ def _backward_nhwc(x, gy, tblT, tpad, k, kind, plain, kh, kw, sh, sw, dh, dw,
             chunk = phase + u * step
             row_lo = chunk * rows_per_chunk
             row_hi = min(row_lo + rows_per_chunk, n_rows)
-            _bwd_rows_nhwc(x, gy, tblT, tpad, k, kind, plain, geo, bnd,
-                           row_lo, row_hi, gx, acc[chunk])
+            if kind == 2:
+                _bwd_rows_nhwc(x, gy, tblT, tpad, k, 2, plain, geo, bnd,
+                               row_lo, row_hi, gx, acc[chunk])
+            elif kind == 3:
+                _bwd_rows_nhwc(x, gy, tblT, tpad, k, 3, plain, geo, bnd,
+                               row_lo, row_hi, gx, acc[chunk])
+            else:
+                _bwd_rows_nhwc(x, gy, tblT, tpad, k, 0, plain, geo, bnd,
+                               row_lo, row_hi, gx, acc[chunk])
 
 
 # --------------------------------------------------------------------------
