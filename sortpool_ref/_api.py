@@ -61,6 +61,59 @@ def _as_host_array(name: str, a: Any) -> np.ndarray:
             from exc
 
 
+def _check_out(name: str, out: Any, shape: Tuple[int, ...], dtype: Any,
+               inputs, module: Any, on_gpu: bool) -> Any:
+    """The array an ``out=`` argument names, checked: on the device of x,
+    writeable, of the result's shape and dtype, and apart from every input
+    (the result is written while the inputs are read)."""
+    if on_gpu:
+        if not _on_gpu(out):
+            raise ValueError(
+                f"{name} must be on the same device as x: x is a CUDA array, "
+                f"{name} is {_where(out)}")
+        arr = module.as_cupy(out)
+        may_share = module.cupy.may_share_memory
+    else:
+        if not isinstance(out, np.ndarray):
+            raise TypeError(
+                f"{name} must be a NumPy array (the result is written into "
+                f"it), got {type(out).__name__}")
+        arr = out
+        may_share = np.may_share_memory
+    if tuple(arr.shape) != tuple(shape):
+        raise ValueError(
+            f"{name} must have the result's shape {tuple(shape)}, got "
+            f"{tuple(arr.shape)}")
+    if np.dtype(arr.dtype) != np.dtype(dtype):
+        raise TypeError(
+            f"{name} must have the result's dtype {np.dtype(dtype)}, got "
+            f"{np.dtype(arr.dtype)}")
+    if not on_gpu and not arr.flags.writeable:
+        raise ValueError(f"{name} is read-only")
+    if on_gpu and arr.device.id != inputs[0][1].device.id:
+        raise ValueError(
+            f"x and {name} must be on the same device: x is on CUDA device "
+            f"{inputs[0][1].device.id}, {name} is on CUDA device "
+            f"{arr.device.id}")
+    for other, a in inputs:
+        if a is not None and may_share(arr, a):
+            raise ValueError(f"{name} must not overlap {other}")
+    return arr
+
+
+def _store(result: Any, arr: Any) -> None:
+    """Copy an engine's result into a checked ``out`` array, unless the
+    engine wrote it there."""
+    if result is not arr:
+        arr[...] = result
+
+
+def _in_place(module: Any) -> bool:
+    """Whether the engine takes ``out=`` and writes into it (the Numba
+    engine); the others' results are copied in."""
+    return getattr(module, "WRITES_INTO_OUT", False)
+
+
 def prepare(x: Any, w: Any, grad_y: Any = None, *, engine: Any = "auto",
             **geometry: Any) -> Tuple[Any, Any, Any, Any, Problem]:
     """Check arguments; return (engine module, x, w, grad_y, problem)."""
@@ -92,7 +145,7 @@ def sortpool2d(x: Any, w: Any, kernel_size: Any = 2, stride: Any = None,
                padding: Any = 0, dilation: Any = 1, ceil_mode: bool = False,
                layout: str = "NHWC", weighting: str = "softmax",
                pad_value: Optional[float] = None,
-               engine: str = "auto") -> Any:
+               engine: str = "auto", out: Any = None) -> Any:
     """Sorted weighted pooling over 2-D windows.
 
     Each window is sorted in decreasing order, the first ``pool_range``
@@ -134,11 +187,17 @@ def sortpool2d(x: Any, w: Any, kernel_size: Any = 2, stride: Any = None,
     engine : {'auto', 'reference', 'numba', 'cuda'}, default 'auto'
         ``'auto'`` picks ``'numba'`` for host arrays and ``'cuda'`` for CUDA
         arrays. An engine that cannot run raises; nothing falls back.
+    out : ndarray, optional
+        An array to write the result into, as NumPy's ``out=``: the
+        result's shape and dtype, writeable, on the device of ``x``, any
+        strides, overlapping no input. It is returned. A loop that pools
+        arrays of one shape saves the allocation (for large arrays, the
+        operating system's zeroing of fresh pages).
 
     Returns
     -------
     y : ndarray, shape (N, Ho, Wo, C) or (N, C, Ho, Wo)
-        Same layout and dtype as ``x``.
+        Same layout and dtype as ``x`` (``out`` when given).
 
     Raises
     ------
@@ -176,7 +235,15 @@ def sortpool2d(x: Any, w: Any, kernel_size: Any = 2, stride: Any = None,
         x, w, engine=engine, kernel_size=kernel_size, stride=stride,
         padding=padding, dilation=dilation, ceil_mode=ceil_mode,
         layout=layout, weighting=weighting, pad_value=pad_value)
-    return module.forward(x, w, problem)
+    if out is None:
+        return module.forward(x, w, problem)
+    arr = _check_out("out", out, problem.out_shape, problem.dtype,
+                     [("x", x), ("w", w)], module, _on_gpu(x))
+    if _in_place(module):
+        _store(module.forward(x, w, problem, out=arr), arr)
+    else:
+        _store(module.forward(x, w, problem), arr)
+    return out
 
 
 def sortpool2d_backward(grad_y: Any, x: Any, w: Any, kernel_size: Any = 2,
@@ -184,7 +251,8 @@ def sortpool2d_backward(grad_y: Any, x: Any, w: Any, kernel_size: Any = 2,
                         dilation: Any = 1, ceil_mode: bool = False,
                         layout: str = "NHWC", weighting: str = "softmax",
                         pad_value: Optional[float] = None,
-                        engine: str = "auto") -> Tuple[Any, Any]:
+                        engine: str = "auto",
+                        out: Any = None) -> Tuple[Any, Any]:
     """Gradients of :func:`sortpool2d` with respect to ``x`` and ``w``.
 
     Parameters
@@ -196,6 +264,11 @@ def sortpool2d_backward(grad_y: Any, x: Any, w: Any, kernel_size: Any = 2,
 weighting, pad_value, engine
         As for :func:`sortpool2d`. The sort is recomputed; nothing is
         cached between the calls.
+    out : (ndarray or None, ndarray or None), optional
+        Arrays to write ``grad_x`` and ``grad_w`` into, as for
+        :func:`sortpool2d` (either may be None: that result is allocated).
+        Whatever ``grad_x`` holds before the call is overwritten, never
+        added to.
 
     Returns
     -------
@@ -221,4 +294,31 @@ weighting, pad_value, engine
         x, w, grad_y, engine=engine, kernel_size=kernel_size, stride=stride,
         padding=padding, dilation=dilation, ceil_mode=ceil_mode,
         layout=layout, weighting=weighting, pad_value=pad_value)
-    return module.backward(grad_y, x, w, problem)
+    if out is None:
+        return module.backward(grad_y, x, w, problem)
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise TypeError(
+            "out must be None or a pair (grad_x, grad_w), each an array or "
+            f"None, got {type(out).__name__}")
+    on_gpu = _on_gpu(x)
+    inputs = [("x", x), ("w", w), ("grad_y", grad_y)]
+    arrs = [None, None]
+    if out[0] is not None:
+        arrs[0] = _check_out("out[0] (grad_x)", out[0], x.shape,
+                             problem.dtype, inputs, module, on_gpu)
+    if out[1] is not None:
+        arrs[1] = _check_out("out[1] (grad_w)", out[1], w.shape,
+                             problem.weight_dtype,
+                             inputs + [("out[0] (grad_x)", arrs[0])],
+                             module, on_gpu)
+    if _in_place(module):
+        grad_x, grad_w = module.backward(grad_y, x, w, problem,
+                                         out=tuple(arrs))
+    else:
+        grad_x, grad_w = module.backward(grad_y, x, w, problem)
+    results = [grad_x, grad_w]
+    for i in range(2):
+        if arrs[i] is not None:
+            _store(results[i], arrs[i])
+            results[i] = out[i]
+    return results[0], results[1]
