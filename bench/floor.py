@@ -149,3 +149,53 @@ def floor_maxpool(x: np.ndarray, kernel: int, stride: int, padding: int,
         y = np.empty((n, c, out_h, out_w), x.dtype)
         _floor_nchw(x, kernel, kernel, stride, stride, padding, padding, y)
     return y
+
+
+@njit(parallel=True, cache=True)
+def _grad_floor_nhwc(x, gy, sh, sw, gx):
+    out_h = gy.shape[1]
+    out_w = gy.shape[2]
+    for t in prange(x.shape[0] * x.shape[1]):
+        n = t // x.shape[1]
+        h = t - n * x.shape[1]
+        gr = gy[n, min(h // sh, out_h - 1)]
+        for col in range(x.shape[2]):
+            src = x[n, h, col]
+            g = gr[min(col // sw, out_w - 1)]
+            dst = gx[n, h, col]
+            for c in range(x.shape[3]):
+                dst[c] = src[c] * g[c]
+
+
+@njit(parallel=True, cache=True)
+def _grad_floor_nchw(x, gy, sh, sw, gx):
+    out_h = gy.shape[2]
+    out_w = gy.shape[3]
+    for t in prange(x.shape[0] * x.shape[1]):
+        n = t // x.shape[1]
+        c = t - n * x.shape[1]
+        for h in range(x.shape[2]):
+            src = x[n, c, h]
+            gr = gy[n, c, min(h // sh, out_h - 1)]
+            dst = gx[n, c, h]
+            first = 0
+            if sw == 2:  # written out so that LLVM vectorises it
+                first = 2 * min(out_w, x.shape[3] // 2)
+                for ow in range(first // 2):
+                    g = gr[ow]
+                    dst[2 * ow] = src[2 * ow] * g
+                    dst[2 * ow + 1] = src[2 * ow + 1] * g
+            for col in range(first, x.shape[3]):
+                dst[col] = src[col] * gr[min(col // sw, out_w - 1)]
+
+
+def grad_floor(x: np.ndarray, gy: np.ndarray, stride: int, layout: str,
+               out: np.ndarray = None) -> np.ndarray:
+    """The least any backward does: read x and grad_y once and write every
+    element of grad_x once (here x times the grad_y of the window it falls
+    in), into ``out`` or a fresh array. With a fresh array the operating
+    system also zeroes every new page, which a reused one spares."""
+    gx = np.empty_like(x) if out is None else out
+    (_grad_floor_nhwc if layout == "NHWC" else _grad_floor_nchw)(
+        x, gy, stride, stride, gx)
+    return gx

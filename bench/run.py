@@ -9,9 +9,13 @@ are what to read: on a shared machine absolute times drift, ratios much less.
 Contenders per case (a geometry, layout, dtype and shape):
 
 * ``floor``: plain Numba max pooling of the same geometry (bench/floor.py);
+* ``grad floor`` / ``grad floor out=``: what no backward can beat, reading
+  x and grad_y once and writing grad_x once, into a fresh array (whose
+  pages the operating system zeroes) and into a reused one;
 * ``fwd`` / ``bwd`` / ``fwd+bwd``: the project's ``sortpool2d``,
   ``sortpool2d_backward`` (grad_x and grad_w) and both, engine ``numba``,
-  for each pool_range;
+  for each pool_range; ``bwd out=`` / ``fwd+bwd out=``: the same writing
+  into reused arrays (``out=``);
 * ``torch max fwd`` / ``torch max fwd+bwd``: torch.nn.functional.max_pool2d
   on the same layout, and ``torch max fwd (CL)`` on the channels_last twin;
 * ``torch naive fwd`` / ``torch naive fwd+bwd``: unfold + sort + softmax
@@ -44,7 +48,7 @@ if __package__ in (None, ""):  # python bench/run.py
 import numpy as np
 
 from bench import baselines
-from bench.floor import floor_maxpool
+from bench.floor import floor_maxpool, grad_floor
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "performance.md"
@@ -121,6 +125,11 @@ def _contenders(case: Case) -> Tuple[Dict[str, Callable], Dict[str, Callable]]:
             twin, kernel, stride, padding, "NHWC")
     y0 = main["floor"]()
     gy = rng.standard_normal(y0.shape, dtype=np.float32).astype(case.dtype)
+    y_buf = np.empty_like(y0)
+    gx_buf = np.empty_like(x)
+    main["grad floor"] = lambda: grad_floor(x, gy, stride, case.layout)
+    main["grad floor out="] = lambda: grad_floor(x, gy, stride, case.layout,
+                                                 gx_buf)
     for k in case.ks:
         w = np.linspace(1.0, -1.0, k)
 
@@ -135,9 +144,19 @@ def _contenders(case: Case) -> Tuple[Dict[str, Callable], Dict[str, Callable]]:
             sortpool_ref.sortpool2d(x, w, engine="numba", **geo)
             return sortpool_ref.sortpool2d_backward(gy, x, w, engine="numba",
                                                     **geo)
+        def bwd_out(w=w, gw_buf=np.empty(k)):
+            return sortpool_ref.sortpool2d_backward(
+                gy, x, w, engine="numba", out=(gx_buf, gw_buf), **geo)
+
+        def both_out(w=w, gw_buf=np.empty(k)):
+            sortpool_ref.sortpool2d(x, w, engine="numba", out=y_buf, **geo)
+            return sortpool_ref.sortpool2d_backward(
+                gy, x, w, engine="numba", out=(gx_buf, gw_buf), **geo)
         main[f"fwd k={k}"] = fwd
         main[f"bwd k={k}"] = bwd
         main[f"fwd+bwd k={k}"] = both
+        main[f"bwd out= k={k}"] = bwd_out
+        main[f"fwd+bwd out= k={k}"] = both_out
     extra: Dict[str, Callable] = {}
     if case.baselines:
         kb = 2 if 2 in case.ks else case.ks[0]
@@ -181,7 +200,7 @@ def _measure(case: Case, rounds: int, base_rounds: int, bar) -> None:
 
 
 def _calls(case: Case, rounds: int, base_rounds: int) -> int:
-    n_main = 1 + 3 * len(case.ks) + (case.layout == "NCHW")
+    n_main = 3 + 5 * len(case.ks) + (case.layout == "NCHW")
     n_extra = 0
     if case.baselines:
         n_extra = 1 + (4 if baselines.torch_available() else 0)
@@ -302,10 +321,12 @@ def tables(cases: List[Case]) -> Tuple[str, List[dict]]:
              "and shape) measured in the same rounds. `vs torch` is the "
              "forward over `torch.nn.functional.max_pool2d` forward on the "
              "channels_last twin. For NCHW cases `fwd/NHWC floor` divides by "
-             "the floor on the channels-last twin (same bytes).", "",
+             "the floor on the channels-last twin (same bytes). Columns "
+             "marked `out=` write into reused arrays.", "",
              "| case | MB in | k | floor ms | fwd ms | fwd/floor | bwd/floor "
-             "| fwd+bwd/floor | fwd/torch max (CL) | fwd/NHWC floor |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| fwd+bwd/floor | bwd out=/floor | fwd+bwd out=/floor "
+             "| fwd/torch max (CL) | fwd/NHWC floor |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c in cases:
         floor = c.median_ms("floor")
         torch_cl = c.median_ms("torch max fwd (CL)") if c.layout == "NCHW" \
@@ -316,11 +337,16 @@ def tables(cases: List[Case]) -> Tuple[str, List[dict]]:
             f = c.median_ms(f"fwd k={k}")
             b = c.median_ms(f"bwd k={k}")
             fb = c.median_ms(f"fwd+bwd k={k}")
+            bo = c.median_ms(f"bwd out= k={k}")
+            fbo = c.median_ms(f"fwd+bwd out= k={k}")
             rec = dict(geometry=c.geometry, layout=c.layout, dtype=c.dtype,
                        shape=list(c.shape), megabytes=c.megabytes, k=k,
                        floor_ms=floor, fwd_ms=f, bwd_ms=b, fwd_bwd_ms=fb,
+                       bwd_out_ms=bo, fwd_bwd_out_ms=fbo,
                        fwd_over_floor=f / floor, bwd_over_floor=b / floor,
                        fwd_bwd_over_floor=fb / floor,
+                       bwd_out_over_floor=bo / floor,
+                       fwd_bwd_out_over_floor=fbo / floor,
                        fwd_over_torch_max_cl=f / torch_cl,
                        fwd_over_nhwc_floor=f / twin_floor)
             rows.append(rec)
@@ -329,7 +355,23 @@ def tables(cases: List[Case]) -> Tuple[str, List[dict]]:
                 f"{'x'.join(map(str, c.shape))} | {c.megabytes:.0f} | {k} | "
                 f"{_fmt(floor)} | {_fmt(f)} | {_fmt(f / floor)} | "
                 f"{_fmt(b / floor)} | {_fmt(fb / floor)} | "
+                f"{_fmt(bo / floor)} | {_fmt(fbo / floor)} | "
                 f"{_fmt(f / torch_cl)} | {_fmt(f / twin_floor)} |")
+    lines += ["", "### What no backward can beat", "",
+              "`grad floor`: a kernel that reads x and grad_y once and "
+              "writes every element of grad_x once (bench/floor.py), into a "
+              "fresh array, whose pages the operating system zeroes on "
+              "first touch, and into a reused one (`out=`). Ratios to the "
+              "forward floor, as the backward targets are.", "",
+              "| case | grad floor/floor | grad floor out=/floor |",
+              "|---|---:|---:|"]
+    for c in cases:
+        if c.sweep:
+            continue
+        floor = c.median_ms("floor")
+        lines.append(f"| {c.label()} | "
+                     f"{_fmt(c.median_ms('grad floor') / floor)} | "
+                     f"{_fmt(c.median_ms('grad floor out=') / floor)} |")
     lines += ["", "### Baselines (milliseconds, and over the floor)", "",
               "| case | contender | ms | / floor |", "|---|---|---:|---:|"]
     for c in cases:
@@ -337,8 +379,9 @@ def tables(cases: List[Case]) -> Tuple[str, List[dict]]:
             continue
         floor = c.median_ms("floor")
         for name in c.timings:
-            if name.startswith("floor") or name.split(" k=")[0] in (
-                    "fwd", "bwd", "fwd+bwd"):
+            if name.startswith(("floor", "grad floor")) or \
+                    name.split(" k=")[0] in ("fwd", "bwd", "fwd+bwd",
+                                             "bwd out=", "fwd+bwd out="):
                 continue
             ms = c.median_ms(name)
             lines.append(f"| {c.label()} | {name} | {_fmt(ms, 1)} | "
@@ -363,8 +406,8 @@ def target_table(cases: List[Case]) -> str:
         if c.sweep:
             continue  # batch-sweep entries are in the main table
         floor = c.median_ms("floor")
-        for what in ("fwd", "bwd", "fwd+bwd"):
-            limit = TARGETS.get((c.geometry, what))
+        for what in ("fwd", "bwd", "fwd+bwd", "bwd out=", "fwd+bwd out="):
+            limit = TARGETS.get((c.geometry, what.split()[0]))
             if limit is None:
                 continue
             worst = max(c.median_ms(f"{what} k={k}") / floor for k in c.ks)
