@@ -588,24 +588,115 @@ def _weights_3x3(scr, g, tpad, kk):
                 sq[c] = g[c] * w
 
 
+@njit(cache=True)
+def _distinct_weights_3x3(xs, g, tpad, scr, gxs, overwrite, kk):
+    """The 3x3 backward of one window without ranks, for a literal kk
+    (1-4): sort the values (the network pruned to the kk + 1 largest) and
+    give each position the weight of the kept value it equals. That is
+    the stable ranking when no value is NaN and the kk + 1 largest are
+    distinct (then each kept value sits at exactly one position). Writes
+    the kept values into scr rows 9.. and adds (overwrite: stores) g *
+    weight into grad_x, or returns False before touching grad_x, and the
+    caller ranks, when some channel breaks the condition: ties at the top (ReLU zeros) and NaN take the ranking path,
+    typical float data takes this one, about half the work. Two loops:
+    with the 9 stores of the weights in the sorting loop LLVM found too
+    many pointers to check for overlap and left it scalar; the flag is an
+    integer or (for the same reason, inspect_asm) the loop stays scalar."""
+    literally(kk)
+    zero = scr.dtype.type(0.0)
+    x0, x1, x2, x3, x4, x5, x6, x7, x8 = xs
+    flag = 0
+    for c in range(scr.shape[1]):
+        a0 = x0[c]
+        a1 = x1[c]
+        a2 = x2[c]
+        a3 = x3[c]
+        a4 = x4[c]
+        a5 = x5[c]
+        a6 = x6[c]
+        a7 = x7[c]
+        a8 = x8[c]
+        v0, v1, v2, v3, v4, v5, v6, v7, v8 = _sort9_nan_free(
+            a0, a1, a2, a3, a4, a5, a6, a7, a8)
+        bad = _any_nan9(a0, a1, a2, a3, a4, a5, a6, a7, a8) | (v0 == v1)
+        if kk > 1:
+            bad |= v1 == v2
+        if kk > 2:
+            bad |= v2 == v3
+        if kk > 3:
+            bad |= v3 == v4
+        flag |= bad
+        scr[9, c] = v0
+        if kk > 1:
+            scr[10, c] = v1
+        if kk > 2:
+            scr[11, c] = v2
+        if kk > 3:
+            scr[12, c] = v3
+    if flag:
+        return False
+    p0 = tpad[0]
+    p1 = tpad[1]
+    p2 = tpad[2]
+    p3 = tpad[3]
+    s0 = scr[9]
+    s1 = scr[10]
+    s2 = scr[11]
+    s3 = scr[12]
+    for q in range(9):
+        xq = xs[q]
+        dq = gxs[q]
+        for c in range(scr.shape[1]):
+            a = xq[c]
+            w = p0[c] if a == s0[c] else zero
+            if kk > 1:
+                w = p1[c] if a == s1[c] else w
+            if kk > 2:
+                w = p2[c] if a == s2[c] else w
+            if kk > 3:
+                w = p3[c] if a == s3[c] else w
+            if overwrite:
+                dq[c] = g[c] * w
+            else:
+                dq[c] += g[c] * w
+    return True
+
+
 @njit(inline="always")
 def _bwd_3x3_nhwc(xs, g, tpad, gxs, acc, scr, overwrite, k):
     """One 3x3 window, all channels (xs, gxs: the (C,) rows of x and
-    grad_x in scan order): ranks and ranked values into the scratch tile,
-    then one short loop per position picks its weight, and one per kept
-    rank adds the partial sums."""
-    _rank_rows_3x3(xs, scr)
+    grad_x in scan order). For k <= 4 first without ranks (see
+    _distinct_weights_3x3); otherwise, or when that fails, ranks and ranked
+    values into the scratch tile, then one short loop per position picks
+    its weight. Then one loop per position adds into grad_x and one per
+    kept rank adds the partial sums."""
     if k == 1:
-        _weights_3x3(scr, g, tpad, 1)
+        done = _distinct_weights_3x3(xs, g, tpad, scr, gxs, overwrite,
+                                      1)
     elif k == 2:
-        _weights_3x3(scr, g, tpad, 2)
+        done = _distinct_weights_3x3(xs, g, tpad, scr, gxs, overwrite,
+                                      2)
     elif k == 3:
-        _weights_3x3(scr, g, tpad, 3)
+        done = _distinct_weights_3x3(xs, g, tpad, scr, gxs, overwrite,
+                                      3)
     elif k == 4:
-        _weights_3x3(scr, g, tpad, 4)
+        done = _distinct_weights_3x3(xs, g, tpad, scr, gxs, overwrite,
+                                      4)
     else:
-        _weights_3x3(scr, g, tpad, 0)
-    _add_rows(scr, 0, gxs, overwrite)
+        done = False
+    if not done:
+        _rank_rows_3x3(xs, scr)
+        if k == 1:
+            _weights_3x3(scr, g, tpad, 1)
+        elif k == 2:
+            _weights_3x3(scr, g, tpad, 2)
+        elif k == 3:
+            _weights_3x3(scr, g, tpad, 3)
+        elif k == 4:
+            _weights_3x3(scr, g, tpad, 4)
+        else:
+            _weights_3x3(scr, g, tpad, 0)
+        _add_rows(scr, 0, gxs, overwrite)
     _add_partials(g, scr, 9, acc, k)
 
 
