@@ -589,19 +589,23 @@ def _weights_3x3(scr, g, tpad, kk):
 
 
 @njit(cache=True)
-def _distinct_weights_3x3(xs, g, tpad, scr, gxs, overwrite, kk):
+def _distinct_weights_3x3(xs, g, tpad, scr, kk):
     """The 3x3 backward of one window without ranks, for a literal kk
     (1-4): sort the values (the network pruned to the kk + 1 largest) and
     give each position the weight of the kept value it equals. That is
     the stable ranking when no value is NaN and the kk + 1 largest are
     distinct (then each kept value sits at exactly one position). Writes
-    the kept values into scr rows 9.. and adds (overwrite: stores) g *
-    weight into grad_x, or returns False before touching grad_x, and the
-    caller ranks, when some channel breaks the condition: ties at the top (ReLU zeros) and NaN take the ranking path,
-    typical float data takes this one, about half the work. Two loops:
-    with the 9 stores of the weights in the sorting loop LLVM found too
-    many pointers to check for overlap and left it scalar; the flag is an
-    integer or (for the same reason, inspect_asm) the loop stays scalar."""
+    the kept values into scr rows 9.. and g * weight of each position into
+    rows 0-8 (as the ranking path does), or returns False, and the caller
+    ranks, when some channel breaks the condition. Ties at the top (ReLU
+    zeros) and NaN take the ranking path; typical float data takes this
+    one, about half the work.
+
+    Two loops: with the 9 stores of the weights in the sorting loop LLVM
+    found too many pointers to check for overlap and left it scalar; the
+    flag is an integer or the loop stays scalar (inspect_asm). Adding into
+    grad_x straight from the weight loops was slower (23 ms against 19 ms
+    here) than writing scr and adding it in with _add_rows."""
     literally(kk)
     zero = scr.dtype.type(0.0)
     x0, x1, x2, x3, x4, x5, x6, x7, x8 = xs
@@ -645,7 +649,7 @@ def _distinct_weights_3x3(xs, g, tpad, scr, gxs, overwrite, kk):
     s3 = scr[12]
     for q in range(9):
         xq = xs[q]
-        dq = gxs[q]
+        sq = scr[q]
         for c in range(scr.shape[1]):
             a = xq[c]
             w = p0[c] if a == s0[c] else zero
@@ -655,10 +659,7 @@ def _distinct_weights_3x3(xs, g, tpad, scr, gxs, overwrite, kk):
                 w = p2[c] if a == s2[c] else w
             if kk > 3:
                 w = p3[c] if a == s3[c] else w
-            if overwrite:
-                dq[c] = g[c] * w
-            else:
-                dq[c] += g[c] * w
+            sq[c] = g[c] * w
     return True
 
 
@@ -671,17 +672,13 @@ def _bwd_3x3_nhwc(xs, g, tpad, gxs, acc, scr, overwrite, k):
     its weight. Then one loop per position adds into grad_x and one per
     kept rank adds the partial sums."""
     if k == 1:
-        done = _distinct_weights_3x3(xs, g, tpad, scr, gxs, overwrite,
-                                      1)
+        done = _distinct_weights_3x3(xs, g, tpad, scr, 1)
     elif k == 2:
-        done = _distinct_weights_3x3(xs, g, tpad, scr, gxs, overwrite,
-                                      2)
+        done = _distinct_weights_3x3(xs, g, tpad, scr, 2)
     elif k == 3:
-        done = _distinct_weights_3x3(xs, g, tpad, scr, gxs, overwrite,
-                                      3)
+        done = _distinct_weights_3x3(xs, g, tpad, scr, 3)
     elif k == 4:
-        done = _distinct_weights_3x3(xs, g, tpad, scr, gxs, overwrite,
-                                      4)
+        done = _distinct_weights_3x3(xs, g, tpad, scr, 4)
     else:
         done = False
     if not done:
@@ -696,7 +693,7 @@ def _bwd_3x3_nhwc(xs, g, tpad, gxs, acc, scr, overwrite, k):
             _weights_3x3(scr, g, tpad, 4)
         else:
             _weights_3x3(scr, g, tpad, 0)
-        _add_rows(scr, 0, gxs, overwrite)
+    _add_rows(scr, 0, gxs, overwrite)
     _add_partials(g, scr, 9, acc, k)
 
 
