@@ -922,19 +922,61 @@ def _forward_nhwc(x, tblT, k, kind, kh, kw, sh, sw, dh, dw, pt, pb, pl, pr,
             _fwd_row_nhwc(x, n, oh, tblT, k, kind, geo, bnd, y, 9)
 
 
+@njit(inline="always")
+def _zero_rows(gx, n, h_lo, h_hi):
+    """gx[n, h_lo:h_hi] = 0."""
+    z = gx.dtype.type(0.0)
+    for h in range(h_lo, h_hi):
+        r = gx[n, h]
+        for j in range(r.shape[0]):
+            d = r[j]
+            for c in range(d.shape[0]):
+                d[c] = z
+
+
+@njit(inline="always")
+def _rows_to_zero(row, row_lo, row_hi, n_rows, out_h, height, sh, pt, ext,
+                  odd):
+    """The input rows [z0, z1) of sample row // out_h that output row
+    ``row`` zeroes before it first adds into them: the span of its window
+    (rows oh * sh - pt + [0, ext)) less what was zeroed before. Before: by
+    the previous output row of the same sample, when it is in this chunk
+    or (odd: this chunk runs in the second pass) in the chunk before,
+    which ran in the first pass. Odd chunks also leave the rows of the next
+    chunk (first pass) alone. Chunks two apart share no input row, and the
+    spans only move forward, so every covered row is zeroed exactly once,
+    before any window adds into it; rows no window covers are zeroed by
+    the caller."""
+    n = row // out_h
+    oh = row - n * out_h
+    h0 = oh * sh - pt
+    z0 = max(0, h0)
+    z1 = min(height, h0 + ext)
+    if oh > 0 and (row > row_lo or odd):
+        z0 = max(z0, min(height, h0 - sh + ext))
+    if odd and row_hi < n_rows and row_hi // out_h == n:
+        z1 = min(z1, max(0, (row_hi - n * out_h) * sh - pt))
+    return n, z0, z1
+
+
 @njit(cache=True)
 def _bwd_rows_nhwc(x, gy, tblT, tpad, k, kind, plain, geo, bnd, row_lo,
-                   row_hi, gx, acc):
+                   row_hi, zero, odd, gx, acc):
     """Output rows [row_lo, row_hi) (global index n * out_h + oh); plain:
-    windows do not overlap, so grad_x is stored, not accumulated. kind is
-    a literal (2, 3, or 0 for the tile path only): with the 2x2 and the 3x3
-    bodies both in one function the 2x2 backward ran 20-25% slower."""
+    windows do not overlap, so grad_x is stored, not accumulated; zero:
+    grad_x holds anything and each row of it is zeroed here, just before
+    its first use (see _rows_to_zero), which saves a pass over memory.
+    kind is a literal (2, 3, or 0 for the tile path only): with the 2x2 and
+    the 3x3 bodies both in one function the 2x2 backward ran 20-25%
+    slower."""
     literally(kind)
     (kh, kw, sh, sw, dh, dw, pt, pb, pl, pr, has_pad, pad_value) = geo
     oh_lo, oh_hi, ow_lo, ow_hi = bnd
     out_h = gy.shape[1]
     out_w = gy.shape[2]
     channels = x.shape[3]
+    n_rows = x.shape[0] * out_h
+    ext = (kh - 1) * dh + 1
     window = kh * kw
     pos_h = np.empty(window, dtype=np.int64)
     pos_w = np.empty(window, dtype=np.int64)
@@ -947,6 +989,10 @@ def _bwd_rows_nhwc(x, gy, tblT, tpad, k, kind, plain, geo, bnd, row_lo,
     scr = np.empty((18, channels), dtype=x.dtype)
     ak = acc[k]
     for row in range(row_lo, row_hi):
+        if zero:
+            zn, z0, z1 = _rows_to_zero(row, row_lo, row_hi, n_rows, out_h,
+                                       x.shape[1], sh, pt, ext, odd)
+            _zero_rows(gx, zn, z0, z1)
         n = row // out_h
         oh = row - n * out_h
         interior_row = kind > 0 and oh >= oh_lo and oh < oh_hi
@@ -984,8 +1030,10 @@ def _bwd_rows_nhwc(x, gy, tblT, tpad, k, kind, plain, geo, bnd, row_lo,
 @njit(parallel=True, cache=True)
 def _backward_nhwc(x, gy, tblT, tpad, k, kind, plain, kh, kw, sh, sw, dh, dw,
                    pt, pb, pl, pr, has_pad, pad_value, oh_lo, oh_hi, ow_lo,
-                   ow_hi, rows_per_chunk, parity_passes, gx, acc):
-    """acc[chunk, m, r, c]: float64 partial sums of g * a(r), per chunk."""
+                   ow_hi, rows_per_chunk, parity_passes, zero, gx, acc):
+    """acc[chunk, m, r, c]: float64 partial sums of g * a(r), per chunk;
+    zero: zero the rows of grad_x that windows cover (the caller zeroes
+    the others)."""
     geo = (kh, kw, sh, sw, dh, dw, pt, pb, pl, pr, has_pad, pad_value)
     bnd = (oh_lo, oh_hi, ow_lo, ow_hi)
     n_rows = x.shape[0] * gy.shape[1]
@@ -999,13 +1047,16 @@ def _backward_nhwc(x, gy, tblT, tpad, k, kind, plain, kh, kw, sh, sw, dh, dw,
             row_hi = min(row_lo + rows_per_chunk, n_rows)
             if kind == 2:
                 _bwd_rows_nhwc(x, gy, tblT, tpad, k, 2, plain, geo, bnd,
-                               row_lo, row_hi, gx, acc[chunk])
+                               row_lo, row_hi, zero, phase == 1, gx,
+                               acc[chunk])
             elif kind == 3:
                 _bwd_rows_nhwc(x, gy, tblT, tpad, k, 3, plain, geo, bnd,
-                               row_lo, row_hi, gx, acc[chunk])
+                               row_lo, row_hi, zero, phase == 1, gx,
+                               acc[chunk])
             else:
                 _bwd_rows_nhwc(x, gy, tblT, tpad, k, 0, plain, geo, bnd,
-                               row_lo, row_hi, gx, acc[chunk])
+                               row_lo, row_hi, zero, phase == 1, gx,
+                               acc[chunk])
 
 
 # --------------------------------------------------------------------------
@@ -1224,27 +1275,6 @@ def _nhwc_to_nchw(src, dst):
                 d[col] = s[col, c]
 
 
-@njit(parallel=True, cache=True)
-def _fill_zero(a):
-    """a[...] = 0 for a 2-D C-contiguous array, one row per task. On fresh
-    pages this costs one write fault per page; np.zeros followed by the
-    backward's read-modify-write costs a read fault and then a write fault,
-    and took 20 ms against 13 ms for (32, 112, 112, 64) float32."""
-    zero = a.dtype.type(0.0)
-    for i in prange(a.shape[0]):
-        r = a[i]
-        for j in range(r.shape[0]):
-            r[j] = zero
-
-
-def _zero(a: np.ndarray) -> np.ndarray:
-    """a[...] = 0 for a C-contiguous 4-D array, by all threads."""
-    if a.size:
-        n, h, w, c = a.shape
-        _fill_zero(a.reshape(n * h, w * c))
-    return a
-
-
 def _view(a: np.ndarray, layout: str, order: str) -> np.ndarray:
     """``a`` (in ``layout``) as a view with its axes in ``order``."""
     if layout == order:
@@ -1402,7 +1432,14 @@ def backward(grad_y: np.ndarray, x: np.ndarray, w: np.ndarray,
     if gx is None:
         gx = np.empty(xm.shape, dtype=p.dtype)
     if not tiles:
-        _zero(gx)
+        # The kernel zeroes the rows the windows cover, each just before
+        # its first use; the rows no window covers are zeroed here.
+        ext = (g.kernel_h - 1) * g.dilation_h + 1
+        starts = np.arange(g.out_h) * g.stride_h - g.pad_top
+        covered = np.zeros(g.height, dtype=bool)
+        for h0 in starts:
+            covered[max(0, h0):max(0, h0 + ext)] = True
+        gx[:, ~covered] = 0
     rows = p.batch * g.out_h
     rows_per_chunk = max(1, -(-rows // _CHUNKS))
     passes = 1
@@ -1420,7 +1457,7 @@ def backward(grad_y: np.ndarray, x: np.ndarray, w: np.ndarray,
             tpad[:k] = tblT[k]
         _backward_nhwc(xm, gym, tblT, tpad, k, kind, plain,
                        *_geometry_args(p), oh_lo, oh_hi, ow_lo, ow_hi,
-                       rows_per_chunk, passes, gx, acc)
+                       rows_per_chunk, passes, not tiles, gx, acc)
     with np.errstate(invalid="ignore", over="ignore"):
         per_channel = acc.sum(axis=0)            # (k+1, k, C)
         if not p.per_channel:

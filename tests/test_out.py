@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 import sortpool_ref
+from sortpool_ref import reference
+from sortpool_ref.testing import assert_close, tolerance_scale
 
 from conftest import to_engine, to_host
 
@@ -52,11 +54,22 @@ def test_out_gives_the_same_numbers_into_stale_arrays(engine, layout,
     x[0, 1, 2, 3] = np.nan
     w = rng.standard_normal((5, 3))
     kwargs = dict(geometry, layout=layout, engine=engine)
-    x, w = to_engine(engine, x), to_engine(engine, w)
+    g = rng.standard_normal(reference.sortpool2d(x, w, **geometry,
+                                                 layout=layout).shape)
+    g = g.astype(dtype)
+    # The reference first: results with and without out= are compared
+    # with each other below, and a bug they share would go unseen.
+    ref_kwargs = dict(geometry, layout=layout)
+    gx_ref, gw_ref = reference.sortpool2d_backward(
+        g.astype(np.float64), x.astype(np.float64), w, **ref_kwargs)
+    tol_x = tolerance_scale("grad_x", x, w, g, "softmax",
+                            int(np.prod(np.broadcast_to(
+                                geometry["kernel_size"], 2))))
+    x, w, g = (to_engine(engine, a) for a in (x, w, g))
     y = to_host(sortpool_ref.sortpool2d(x, w, **kwargs))
-    g = to_engine(engine, rng.standard_normal(y.shape).astype(dtype))
     gx, gw = (to_host(a) for a in
               sortpool_ref.sortpool2d_backward(g, x, w, **kwargs))
+    assert_close(gx, gx_ref, dtype, tol_x, "grad_x")
 
     out = _stale(engine, y.shape, dtype, strides, layout)
     assert sortpool_ref.sortpool2d(x, w, out=out, **kwargs) is out
