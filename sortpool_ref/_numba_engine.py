@@ -1419,9 +1419,9 @@ def backward(grad_y: np.ndarray, x: np.ndarray, w: np.ndarray,
     plain = not (g.overlapping_rows or g.stride_w
                  < (g.kernel_w - 1) * g.dilation_w + 1)
     # Windows that tile the input exactly, all on a register path, store
-    # every element of grad_x once: no need to zero it first (zeroing costs
-    # about as much as the kernel's own pass). Otherwise it is zeroed by
-    # all threads, an out= array as well as a fresh one.
+    # every element of grad_x once: it is never zeroed. Otherwise it is
+    # zeroed (an out= array as well as a fresh one): by the kernel where
+    # windows cover it, here elsewhere.
     tiles = (plain and kind > 0 and (oh_lo, oh_hi, ow_lo, ow_hi)
              == (0, g.out_h, 0, g.out_w)
              and (g.dilation_h, g.dilation_w) == (1, 1)
@@ -1432,8 +1432,9 @@ def backward(grad_y: np.ndarray, x: np.ndarray, w: np.ndarray,
     if gx is None:
         gx = np.empty(xm.shape, dtype=p.dtype)
     if not tiles:
-        # The kernel zeroes the rows the windows cover, each just before
-        # its first use; the rows no window covers are zeroed here.
+        # The kernel zeroes each row that windows cover just before its
+        # first use (_rows_to_zero); the rows no window covers are zeroed
+        # here.
         ext = (g.kernel_h - 1) * g.dilation_h + 1
         starts = np.arange(g.out_h) * g.stride_h - g.pad_top
         covered = np.zeros(g.height, dtype=bool)
