@@ -8,7 +8,6 @@ and works the same for NumPy and CuPy arrays.
 
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple

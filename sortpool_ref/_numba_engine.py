@@ -72,20 +72,13 @@ def _ranks_above(a, b):
     return a > b or (a != a and b == b)
 
 
-@njit
-def _later_wins(a, b):
-    """For a earlier than b in scan order: whether b ranks above a.
-
-    Branch-free form of ``_ranks_above(b, a)``: false when a is NaN, else
-    true unless a >= b (which is false when b is NaN).
-    """
-    return (a == a) & ~(a >= b)
-
-
 @njit(inline="always")
 def _sort4(a0, a1, a2, a3):
-    """The 4 values in decreasing rank order (values only, NaN on top); the
-    compare-exchanges of _sort4_nan_free with _later_wins written out."""
+    """The 4 values in decreasing rank order (values only, NaN on top): the
+    compare-exchanges of _sort4_nan_free, each swapping a (earlier) and b
+    when b ranks above a, ``(a == a) & ~(a >= b)``: false when a is NaN,
+    else true unless a >= b (false when b is NaN): the branch-free form of
+    ``_ranks_above(b, a)``, written out in every compare-exchange."""
     s = (a0 == a0) & ~(a0 >= a1)
     a0, a1 = (a1 if s else a0), (a0 if s else a1)
     s = (a2 == a2) & ~(a2 >= a3)
@@ -157,8 +150,8 @@ def _sort9_nan_free(a0, a1, a2, a3, a4, a5, a6, a7, a8):
 
 @njit(inline="always")
 def _sort9(a0, a1, a2, a3, a4, a5, a6, a7, a8):
-    """_sort9_nan_free's network with NaN-aware compare-exchanges
-    (_later_wins written out)."""
+    """_sort9_nan_free's network with the NaN-aware compare-exchanges of
+    _sort4."""
     s = (a0 == a0) & ~(a0 >= a3)
     a0, a3 = (a3 if s else a0), (a0 if s else a3)
     s = (a1 == a1) & ~(a1 >= a7)

@@ -5,8 +5,6 @@ import shutil
 import subprocess
 import sys
 
-import pytest
-
 import sortpool_ref
 from sortpool_ref.__main__ import main, self_check
 

@@ -16,7 +16,6 @@ from hypothesis import settings  # noqa: E402
 import sortpool_ref  # noqa: E402
 import sortpool_ref.testing  # noqa: E402
 from sortpool_ref import _numba_engine, reference  # noqa: E402
-from sortpool_ref.testing import assert_close, tolerance_scale  # noqa: E402
 from sortpool_ref._engines import engine_problem  # noqa: E402
 from sortpool_ref.testing import (ConformanceError,  # noqa: E402
                                   assert_close, assert_matches_reference,
