@@ -18,17 +18,23 @@ Kernels and where they run (docs/performance.md has the measurements):
   network (5 or 25 comparators) and writes NaN where a window holds one;
   the backward ranks each position by its pairwise comparisons (stable by
   construction) and picks its weight from a zero-padded table.
-* 2x2 register path, NCHW (forward): innermost loop over output columns.
+* NCHW forward, 2x2 and 3x3: one (sample, channel) plane per task,
+  innermost loop over the output columns. The 2x2 kernel deinterleaves
+  the windows inside the input into scratch rows; the 3x3 kernel copies
+  each input row into a padded scratch row (pad_value in the padding, -inf
+  for absent positions) so that every window of a row is one vectorised
+  loop, and redoes by scalar insertion the few windows that keep fewer
+  ranks than pool_range.
 * channel tile path, NHWC: every other window, any geometry, padding and
   ``pad_value``. Which positions of a window are real, padded or absent is
   the same for every channel, so the window's top-k is built by insertion
   into a small (pool_range, C) scratch tile with whole-channel-vector
   compare-exchanges.
 * scalar path: the per-window, per-channel insertion used for the border
-  windows of the NCHW 2x2 kernel.
-* NCHW geometries other than 2x2, and every backward of NCHW data, run
-  the NHWC kernels on a channels-last copy (the backward so that grad_w is
-  summed in one order, bit-identical whatever the layout).
+  windows of the NCHW 2x2 kernel and the short windows of the NCHW 3x3.
+* NCHW geometries other than 2x2 and 3x3, and every backward of NCHW data,
+  run the NHWC kernels on a channels-last copy (the backward so that grad_w
+  is summed in one order, bit-identical whatever the layout).
 
 Compile time: helpers are plain ``@njit`` functions that LLVM inlines, not
 ``inline="always"`` (Numba-level inlining made each kernel several times
@@ -1053,8 +1059,8 @@ def _backward_nhwc(x, gy, tblT, tpad, k, kind, plain, kh, kw, sh, sw, dh, dw,
 
 
 # --------------------------------------------------------------------------
-# NCHW 2x2 kernels: one (sample, channel) plane per task, innermost loop
-# along the output columns
+# NCHW forward kernels (2x2, 3x3): one (sample, channel) plane per task,
+# innermost loop along the output columns
 # --------------------------------------------------------------------------
 
 @njit(inline="always")
@@ -1189,6 +1195,193 @@ def _forward_nchw_2x2(x, table, per_channel, k, kh, kw, sh, sw, dh, dw, pt,
             _fwd_plane_nchw(x, n, c, tb, k, geo, bnd, y, 3)
         else:
             _fwd_plane_nchw(x, n, c, tb, k, geo, bnd, y, 4)
+
+
+@njit(inline="always")
+def _padded_row(x, n, c, h, pt, pb, pl, pr, has_pad, pad_value, row):
+    """Input row h of plane (n, c) as the windows see it: row[j] is column
+    j - pl; columns outside the input hold pad_value where the padding
+    has a value, and -inf where a window position is absent (the
+    caller treats windows that keep fewer ranks than k separately)."""
+    height = x.shape[2]
+    width = x.shape[3]
+    span = row.shape[0]
+    ninf = x.dtype.type(-np.inf)
+    pad_row = has_pad and h >= -pt and h < height + pb
+    edge = pad_value if pad_row else ninf
+    mid = min(max(pl, 0), span)
+    for j in range(mid):
+        row[j] = edge
+    last = min(pl + width, span)
+    if h >= 0 and h < height:
+        src = x[n, c, h]
+        for j in range(mid, last):
+            row[j] = src[j - pl]
+    else:
+        for j in range(mid, last):
+            row[j] = edge
+    end_pad = min(max(pl + width + pr, last), span)
+    for j in range(last, end_pad):
+        row[j] = edge
+    for j in range(end_pad, span):
+        row[j] = ninf
+
+
+@njit(inline="always")
+def _sort_row_3x3_nchw(r0, r1, r2, yr, sw, dw, p0, p1, p2, p3, p4, p5, p6,
+                       p7, p8, kk):
+    """yr[ow] for every window of one output row, from the padded input
+    rows r0, r1, r2 (window ow starts at column ow * sw)."""
+    nan = yr.dtype.type(np.nan)
+    for ow in range(yr.shape[0]):
+        col = ow * sw
+        a0 = r0[col]
+        a1 = r0[col + dw]
+        a2 = r0[col + 2 * dw]
+        a3 = r1[col]
+        a4 = r1[col + dw]
+        a5 = r1[col + 2 * dw]
+        a6 = r2[col]
+        a7 = r2[col + dw]
+        a8 = r2[col + 2 * dw]
+        v0, v1, v2, v3, v4, v5, v6, v7, v8 = _sort9_nan_free(
+            a0, a1, a2, a3, a4, a5, a6, a7, a8)
+        acc = p0 * v0
+        if kk >= 2:
+            acc += p1 * v1
+        if kk >= 3:
+            acc += p2 * v2
+        if kk >= 4:
+            acc += p3 * v3
+        if kk >= 5:
+            acc += p4 * v4
+        if kk >= 6:
+            acc += p5 * v5
+        if kk >= 7:
+            acc += p6 * v6
+        if kk >= 8:
+            acc += p7 * v7
+        if kk >= 9:
+            acc += p8 * v8
+        bad = _any_nan9(a0, a1, a2, a3, a4, a5, a6, a7, a8)
+        yr[ow] = nan if bad else acc
+
+
+@njit(inline="always")
+def _present(start, step, size, lead, trail):
+    """How many of the 3 positions start + i * step (i < 3) lie inside
+    the input or its padding [-lead, size + trail)."""
+    m = 0
+    for i in range(3):
+        q = start + i * step
+        if q >= -lead and q < size + trail:
+            m += 1
+    return m
+
+
+@njit(cache=True)
+def _fwd_plane_nchw_3x3(x, n, c, tb, k, geo, bnd, y, kk):
+    """One (sample, channel) plane of a 3x3 forward, compiled once per
+    literal pool_range. Each output row is one vectorised loop along the
+    output columns over the three input rows copied into padded scratch
+    rows, so that border windows need no branch: positions in the padding
+    hold pad_value, absent positions -inf. For a window that keeps at
+    least k ranks an absent position ranked as -inf changes nothing (the
+    k largest values are the same values, and the table row is that of k
+    ranks); windows that keep fewer (corners, with large k) are redone by
+    scalar insertion."""
+    literally(kk)
+    (kh, kw, sh, sw, dh, dw, pt, pb, pl, pr, has_pad, pad_value) = geo
+    oh_lo, oh_hi, ow_lo, ow_hi = bnd
+    height = x.shape[2]
+    width = x.shape[3]
+    out_h = y.shape[2]
+    out_w = y.shape[3]
+    top = np.empty(k, dtype=x.dtype)
+    top_pos = np.empty(k, dtype=np.int64)
+    span = (out_w - 1) * sw + 2 * dw + 1
+    rows = np.empty((3, span), dtype=x.dtype)
+    # The weights as scalars before the loop (loads from the table inside
+    # it could alias the stores).
+    zero = x.dtype.type(0.0)
+    p0 = tb[kk, 0]
+    p1 = tb[kk, 1] if kk >= 2 else zero
+    p2 = tb[kk, 2] if kk >= 3 else zero
+    p3 = tb[kk, 3] if kk >= 4 else zero
+    p4 = tb[kk, 4] if kk >= 5 else zero
+    p5 = tb[kk, 5] if kk >= 6 else zero
+    p6 = tb[kk, 6] if kk >= 7 else zero
+    p7 = tb[kk, 7] if kk >= 8 else zero
+    p8 = tb[kk, 8] if kk >= 9 else zero
+    r0 = rows[0]
+    r1 = rows[1]
+    r2 = rows[2]
+    for oh in range(out_h):
+        h0 = oh * sh - pt
+        _padded_row(x, n, c, h0, pt, pb, pl, pr, has_pad, pad_value, r0)
+        _padded_row(x, n, c, h0 + dh, pt, pb, pl, pr, has_pad, pad_value,
+                    r1)
+        _padded_row(x, n, c, h0 + 2 * dh, pt, pb, pl, pr, has_pad,
+                    pad_value, r2)
+        yr = y[n, c, oh]
+        # Literal stride and dilation for the common case: LLVM vectorises
+        # the strided loads only when it knows the stride.
+        if sw == 2 and dw == 1:
+            _sort_row_3x3_nchw(r0, r1, r2, yr, 2, 1, p0, p1, p2, p3, p4, p5,
+                               p6, p7, p8, kk)
+        else:
+            _sort_row_3x3_nchw(r0, r1, r2, yr, sw, dw, p0, p1, p2, p3, p4,
+                               p5, p6, p7, p8, kk)
+        # Positions in the padding count as present only when it has a
+        # value.
+        interior_row = oh >= oh_lo and oh < oh_hi
+        m_rows = _present(h0, dh, height, pt if has_pad else 0,
+                          pb if has_pad else 0)
+        for ow in range(out_w):
+            if interior_row and ow >= ow_lo and ow < ow_hi:
+                continue
+            if m_rows * _present(ow * sw - pl, dw, width,
+                                 pl if has_pad else 0,
+                                 pr if has_pad else 0) >= k:
+                continue
+            m = _select_top(x, n, oh, ow, c, k, kh, kw, sh, sw, dh, dw, pt,
+                            pb, pl, pr, has_pad, pad_value, top, top_pos)
+            acc = tb[m, 0] * top[0]
+            for r in range(1, m):
+                acc += tb[m, r] * top[r]
+            yr[ow] = acc
+
+
+@njit(parallel=True, cache=True)
+def _forward_nchw_3x3(x, table, per_channel, k, kh, kw, sh, sw, dh, dw, pt,
+                      pb, pl, pr, has_pad, pad_value, oh_lo, oh_hi, ow_lo,
+                      ow_hi, y):
+    geo = (kh, kw, sh, sw, dh, dw, pt, pb, pl, pr, has_pad, pad_value)
+    bnd = (oh_lo, oh_hi, ow_lo, ow_hi)
+    channels = x.shape[1]
+    for t in prange(x.shape[0] * channels):
+        n = t // channels
+        c = t - n * channels
+        tb = table[c if per_channel else 0]
+        # One specialisation per literal pool_range (see _forward_nhwc).
+        if k == 1:
+            _fwd_plane_nchw_3x3(x, n, c, tb, k, geo, bnd, y, 1)
+        elif k == 2:
+            _fwd_plane_nchw_3x3(x, n, c, tb, k, geo, bnd, y, 2)
+        elif k == 3:
+            _fwd_plane_nchw_3x3(x, n, c, tb, k, geo, bnd, y, 3)
+        elif k == 4:
+            _fwd_plane_nchw_3x3(x, n, c, tb, k, geo, bnd, y, 4)
+        elif k == 5:
+            _fwd_plane_nchw_3x3(x, n, c, tb, k, geo, bnd, y, 5)
+        elif k == 6:
+            _fwd_plane_nchw_3x3(x, n, c, tb, k, geo, bnd, y, 6)
+        elif k == 7:
+            _fwd_plane_nchw_3x3(x, n, c, tb, k, geo, bnd, y, 7)
+        elif k == 8:
+            _fwd_plane_nchw_3x3(x, n, c, tb, k, geo, bnd, y, 8)
+        else:
+            _fwd_plane_nchw_3x3(x, n, c, tb, k, geo, bnd, y, 9)
 
 
 # --------------------------------------------------------------------------
@@ -1340,10 +1533,11 @@ def _deliver(a: np.ndarray, memory: str, out: np.ndarray,
 
 
 def _kernel_memory(x: np.ndarray, p: Problem) -> str:
-    """Which kernels run: NCHW ones only for 2x2 on NCHW-ordered memory."""
+    """Which forward kernels run: NCHW ones only for 2x2 and 3x3 on
+    NCHW-ordered memory."""
     memory = _memory_layout(x, p.layout) or p.layout
     if memory == "NCHW" and (p.geometry.kernel_h,
-                             p.geometry.kernel_w) != (2, 2):
+                             p.geometry.kernel_w) not in ((2, 2), (3, 3)):
         return "NHWC"
     return memory
 
@@ -1382,9 +1576,9 @@ def forward(x: np.ndarray, w: np.ndarray, p: Problem,
         if y is None:
             y = np.empty((p.batch, p.channels, g.out_h, g.out_w), p.dtype)
         if y.size:
-            _forward_nchw_2x2(xm, table, p.per_channel, p.pool_range,
-                              *_geometry_args(p), oh_lo, oh_hi, ow_lo,
-                              ow_hi, y)
+            kernel = _forward_nchw_2x2 if kind == 2 else _forward_nchw_3x3
+            kernel(xm, table, p.per_channel, p.pool_range,
+                   *_geometry_args(p), oh_lo, oh_hi, ow_lo, ow_hi, y)
     if out is not None:
         return out if direct else _deliver(y, memory, out, p.layout)
     return _result(y, memory, x, p.layout)

@@ -1,12 +1,12 @@
 """Every specialised path of the Numba engine against the float64 reference.
 
 The engine (sortpool_ref/_numba_engine.py) runs different loops for
-different windows: the 2x2 register path (NHWC and NCHW) and the 3x3
-register path (NHWC) for windows inside the input, the channel-tile path
-for every other NHWC window (any
-geometry, padding, pad_value), the scalar path for the border windows of the
-NCHW 2x2 kernel, and NHWC kernels on a channels-last copy for other NCHW
-geometries. Each geometry below is chosen to hit some of them; every one is
+different windows: the 2x2 and 3x3 register paths (NHWC) for windows
+inside the input, the channel-tile path for every other NHWC window (any
+geometry, padding, pad_value), the NCHW 2x2 forward (register path inside,
+scalar path on the borders), the NCHW 3x3 forward (padded rows, scalar path
+for windows that keep fewer ranks than pool_range), and NHWC kernels on a
+channels-last copy for the other NCHW geometries and every NCHW backward. Each geometry below is chosen to hit some of them; every one is
 compared with the reference on values with NaN, infinities, signed zeros and
 ties, for every pool_range, both layouts, both dtypes and both weight shapes,
 and checked for bit-identical results across calls and thread counts.
@@ -46,6 +46,11 @@ GEOMETRIES = {
     # and non-overlapping (grad_x stored, not accumulated).
     "3x3 s1 d2": (dict(kernel_size=3, stride=1, dilation=2), (7, 8)),
     "3x3 s3": (dict(kernel_size=3, stride=3), (6, 9)),
+    # Windows that reach past the padding (ceil_mode): absent positions
+    # next to valued padding.
+    "3x3 s2 p1 ceil pad=-0.5": (dict(kernel_size=3, stride=2, padding=1,
+                                     ceil_mode=True, pad_value=-0.5),
+                                (6, 8)),
     # Tile path, generic: non-square kernel, dilation, 'same' padding.
     "2x3 same": (dict(kernel_size=(2, 3), stride=(1, 2), dilation=(2, 1),
                       padding="same"), (5, 8)),
@@ -177,6 +182,28 @@ def test_3x3_register_path_special_windows(layout, dtype):
                                              weighting=weighting))
             gy = array_of("normal", p.out_shape, dtype, k)
             _compare(x, w, p, gy, f"k={k} {weighting}")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+@pytest.mark.parametrize("padding", [0, 1])
+def test_3x3_special_windows_along_columns(padding, layout, dtype):
+    """3x3 stride-2 windows of NaN, +-inf, signed zeros and ties laid out
+    along the columns, the vectorised axis of the NCHW forward, with and
+    without padded borders, every pool_range."""
+    rng = np.random.default_rng(7)
+    pool = np.array([np.nan, np.inf, -np.inf, 1.0, 0.0, -0.0, 0.0, 1.0])
+    nhwc = pool[rng.integers(0, len(pool), size=(2, 3, 301, 2))]
+    nhwc[0, :, :40] = 1.0  # runs of ties
+    nhwc = nhwc.astype(dtype)
+    x = np.ascontiguousarray(nhwc if layout == "NHWC"
+                             else nhwc.transpose(0, 3, 1, 2))
+    for k in range(1, 10):
+        w = rng.normal(size=(k,))
+        p = _problem(x, w, layout, dict(kernel_size=3, stride=2,
+                                         padding=padding))
+        gy = array_of("normal", p.out_shape, dtype, k)
+        _compare(x, w, p, gy, f"k={k}")
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
