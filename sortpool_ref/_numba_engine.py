@@ -1544,9 +1544,9 @@ def _kernel_memory(x: np.ndarray, p: Problem) -> str:
 
 def _nhwc_table(table: np.ndarray, channels: int) -> np.ndarray:
     """table (Cw, k+1, k) as (k+1, k, C): the channel axis contiguous."""
-    t = np.transpose(table, (1, 2, 0))
-    return np.ascontiguousarray(np.broadcast_to(
-        t, t.shape[:2] + (channels,)))
+    out = np.empty(table.shape[1:] + (channels,), table.dtype)
+    out[...] = np.transpose(table, (1, 2, 0))  # broadcasts a shared row
+    return out
 
 
 # The front door (sortpool_ref._api) passes checked out= arrays to this

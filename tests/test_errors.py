@@ -206,3 +206,28 @@ def test_empty_batch_gives_empty_output():
     gx, gw = sortpool_ref.sortpool2d_backward(np.zeros((0, 2, 2, 2)),
                                               np.zeros((0, 4, 4, 2)), W)
     assert gx.shape == (0, 4, 4, 2) and np.all(gw == 0)
+
+
+def test_cached_checks_tell_equal_values_of_other_types_apart():
+    """Checked problems are cached by their arguments (sortpool_ref._checks
+    .make_problem); an argument equal to a cached one but of a type the
+    checks refuse (2.0 for 2, True for 1) still raises, every time, and
+    lists (not hashable) are checked without the cache."""
+    good = sortpool_ref.sortpool2d(X, W, kernel_size=(2, 1), stride=1)
+    bad = [
+        (dict(kernel_size=(2, 1.0), stride=1),
+         "kernel_size must be an int or a pair of ints, got (2, 1.0)"),
+        (dict(kernel_size=(2, True), stride=1),
+         "kernel_size must be an int or a pair of ints, got (2, True)"),
+        (dict(kernel_size=(2, 1), stride=True),
+         "stride must be an int or a pair of ints, got True"),
+        (dict(kernel_size=(2, 1), stride=1.0),
+         "stride must be an int or a pair of ints, got 1.0"),
+    ]
+    for _ in range(2):
+        for kwargs, message in bad:
+            with pytest.raises(TypeError,
+                               match="^" + re.escape(message) + "$"):
+                sortpool_ref.sortpool2d(X, W, **kwargs)
+    again = sortpool_ref.sortpool2d(X, W, kernel_size=[2, 1], stride=[1, 1])
+    np.testing.assert_array_equal(good, again)
