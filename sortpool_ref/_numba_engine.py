@@ -1431,15 +1431,55 @@ def _memory_layout(a: np.ndarray, layout: str) -> str:
 @njit(parallel=True, cache=True)
 def _nchw_to_nhwc(src, dst):
     """dst[n, h, w, c] = src[n, c, h, w], one (sample, row) per task: reads
-    run along W, the strided writes stay inside one (W, C) plane."""
+    run along W, the strided writes stay inside one (W, C) plane. Channels
+    go 16 at a time, so that each column's stores fill whole cache lines
+    (float32 16.9 -> 12.5 ms, float64 50 -> 23 ms for (32, 64, 112, 112)
+    here, against one channel at a time); the remaining channels one at a
+    time."""
     channels = src.shape[1]
     height = src.shape[2]
     width = src.shape[3]
+    full = channels - channels % 16
     for t in prange(src.shape[0] * height):
         n = t // height
         h = t - n * height
         d = dst[n, h]
-        for c in range(channels):
+        for c in range(0, full, 16):
+            s0 = src[n, c, h]
+            s1 = src[n, c + 1, h]
+            s2 = src[n, c + 2, h]
+            s3 = src[n, c + 3, h]
+            s4 = src[n, c + 4, h]
+            s5 = src[n, c + 5, h]
+            s6 = src[n, c + 6, h]
+            s7 = src[n, c + 7, h]
+            s8 = src[n, c + 8, h]
+            s9 = src[n, c + 9, h]
+            s10 = src[n, c + 10, h]
+            s11 = src[n, c + 11, h]
+            s12 = src[n, c + 12, h]
+            s13 = src[n, c + 13, h]
+            s14 = src[n, c + 14, h]
+            s15 = src[n, c + 15, h]
+            for col in range(width):
+                dc = d[col]
+                dc[c] = s0[col]
+                dc[c + 1] = s1[col]
+                dc[c + 2] = s2[col]
+                dc[c + 3] = s3[col]
+                dc[c + 4] = s4[col]
+                dc[c + 5] = s5[col]
+                dc[c + 6] = s6[col]
+                dc[c + 7] = s7[col]
+                dc[c + 8] = s8[col]
+                dc[c + 9] = s9[col]
+                dc[c + 10] = s10[col]
+                dc[c + 11] = s11[col]
+                dc[c + 12] = s12[col]
+                dc[c + 13] = s13[col]
+                dc[c + 14] = s14[col]
+                dc[c + 15] = s15[col]
+        for c in range(full, channels):
             s = src[n, c, h]
             for col in range(width):
                 d[col, c] = s[col]

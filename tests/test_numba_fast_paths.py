@@ -246,6 +246,21 @@ def test_memory_orders(layout, memory):
         _compare(x, w, p, gy_odd, f"{geo}")
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("channels", [1, 5, 16, 19, 37])
+def test_layout_copies(channels, dtype):
+    """The parallel copies between the two memory orders (16 channels at a
+    time, then one at a time) move every element to its place."""
+    src = np.random.default_rng(channels).normal(
+        size=(2, channels, 5, 7)).astype(dtype)
+    nhwc = np.empty((2, 5, 7, channels), dtype)
+    engine._nchw_to_nhwc(src, nhwc)
+    np.testing.assert_array_equal(nhwc, src.transpose(0, 2, 3, 1))
+    back = np.empty_like(src)
+    engine._nhwc_to_nchw(nhwc, back)
+    np.testing.assert_array_equal(back, src)
+
+
 def _bits(a):
     a = np.ascontiguousarray(a)
     return a.view(np.uint8).tobytes()
