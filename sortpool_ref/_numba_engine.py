@@ -406,6 +406,22 @@ def _add_rows(scr, first, dsts, overwrite):
 
 
 @njit(inline="always")
+def _store_or_add_rows(scr, dsts, stores):
+    """dsts[i] = scr[i] where bit i of stores is set, else dsts[i] +=
+    scr[i]."""
+    channels = scr.shape[1]
+    for i in range(len(dsts)):
+        src = scr[i]
+        dst = dsts[i]
+        if (stores >> i) & 1:
+            for c in range(channels):
+                dst[c] = src[c]
+        else:
+            for c in range(channels):
+                dst[c] += src[c]
+
+
+@njit(inline="always")
 def _add_partials(g, scr, first, acc, k):
     """acc[r] += g * scr[first + r] in float64, for r < k."""
     channels = g.shape[0]
@@ -663,13 +679,15 @@ def _distinct_weights_3x3(xs, g, tpad, scr, kk):
 
 
 @njit(inline="always")
-def _bwd_3x3_nhwc(xs, g, tpad, gxs, acc, scr, overwrite, k):
+def _bwd_3x3_nhwc(xs, g, tpad, gxs, acc, scr, stores, k):
     """One 3x3 window, all channels (xs, gxs: the (C,) rows of x and
     grad_x in scan order). For k <= 4 first without ranks (see
     _distinct_weights_3x3); otherwise, or when that fails, ranks and ranked
     values into the scratch tile, then one short loop per position picks
-    its weight. Then one loop per position adds into grad_x and one per
-    kept rank adds the partial sums."""
+    its weight. Then one loop per position writes into grad_x (stores:
+    bit q set where position q is the first to be written, see
+    _bwd_rows_nhwc, else it adds) and one per kept rank adds the partial
+    sums."""
     if k == 1:
         done = _distinct_weights_3x3(xs, g, tpad, scr, 1)
     elif k == 2:
@@ -692,7 +710,7 @@ def _bwd_3x3_nhwc(xs, g, tpad, gxs, acc, scr, overwrite, k):
             _weights_3x3(scr, g, tpad, 4)
         else:
             _weights_3x3(scr, g, tpad, 0)
-    _add_rows(scr, 0, gxs, overwrite)
+    _store_or_add_rows(scr, gxs, stores)
     _add_partials(g, scr, 9, acc, k)
 
 
@@ -934,6 +952,18 @@ def _zero_rows(gx, n, h_lo, h_hi):
 
 
 @njit(inline="always")
+def _zero_cols(gx, n, h_lo, h_hi, w_lo, w_hi):
+    """gx[n, h_lo:h_hi, w_lo:w_hi] = 0."""
+    z = gx.dtype.type(0.0)
+    for h in range(h_lo, h_hi):
+        r = gx[n, h]
+        for j in range(max(w_lo, 0), min(w_hi, r.shape[0])):
+            d = r[j]
+            for c in range(d.shape[0]):
+                d[c] = z
+
+
+@njit(inline="always")
 def _rows_to_zero(row, row_lo, row_hi, n_rows, out_h, height, sh, pt, ext,
                   odd):
     """The input rows [z0, z1) of sample row // out_h that output row
@@ -987,15 +1017,39 @@ def _bwd_rows_nhwc(x, gy, tblT, tpad, k, kind, plain, geo, bnd, row_lo,
     wsel = np.empty(channels, dtype=x.dtype)
     scr = np.empty((18, channels), dtype=x.dtype)
     ak = acc[k]
+    # 3x3 stride 2 (the usual overlapping case): the rows that an output
+    # row is the first to write are not zeroed in full. Its register-path
+    # windows store into their second and third columns there (window ow's
+    # first column is the previous window's third), so only the columns
+    # before the first such window's second column and after the last
+    # one's third are zeroed (the tile path always adds). Zeroing the whole
+    # rows cost about 15% of the 3x3 kernel: each zeroed line is read from
+    # memory first.
+    first_stores = (kind == 3 and zero and not plain and sh == 2
+                    and sw == 2 and dh == 1 and dw == 1)
+    col_lo = ow_lo * sw - pl + 1
+    col_hi = (ow_hi - 1) * sw - pl + 3
+    stores = 511 if plain else 0
     for row in range(row_lo, row_hi):
-        if zero:
-            zn, z0, z1 = _rows_to_zero(row, row_lo, row_hi, n_rows, out_h,
-                                       x.shape[1], sh, pt, ext, odd)
-            _zero_rows(gx, zn, z0, z1)
         n = row // out_h
         oh = row - n * out_h
         interior_row = kind > 0 and oh >= oh_lo and oh < oh_hi
         h0 = oh * sh - pt
+        if zero:
+            zn, z0, z1 = _rows_to_zero(row, row_lo, row_hi, n_rows, out_h,
+                                       x.shape[1], sh, pt, ext, odd)
+            if first_stores and interior_row and ow_lo < ow_hi:
+                _zero_cols(gx, zn, z0, z1, 0, col_lo)
+                _zero_cols(gx, zn, z0, z1, col_hi, x.shape[2])
+                # Bits 3 dy + 1, 3 dy + 2 for the rows this row writes
+                # first.
+                stores = 0
+                for dy in range(3):
+                    if h0 + dy >= z0 and h0 + dy < z1:
+                        stores |= 6 << (3 * dy)
+            else:
+                _zero_rows(gx, zn, z0, z1)
+                stores = 511 if plain else 0
         for ow in range(out_w):
             if interior_row and ow >= ow_lo and ow < ow_hi:
                 c0 = ow * sw - pl
@@ -1018,7 +1072,7 @@ def _bwd_rows_nhwc(x, gy, tblT, tpad, k, kind, plain, geo, bnd, row_lo,
                         (gx[n, h0, c0], gx[n, h0, c1], gx[n, h0, c2],
                          gx[n, h1, c0], gx[n, h1, c1], gx[n, h1, c2],
                          gx[n, h2, c0], gx[n, h2, c1], gx[n, h2, c2]),
-                        ak, scr, plain, k)
+                        ak, scr, stores, k)
             else:
                 _bwd_tile_nhwc(x, n, oh, ow, gy[n, oh, ow], tblT, k, kh, kw,
                                sh, sw, dh, dw, pt, pb, pl, pr, has_pad,

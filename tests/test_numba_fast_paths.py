@@ -46,6 +46,10 @@ GEOMETRIES = {
     # and non-overlapping (grad_x stored, not accumulated).
     "3x3 s1 d2": (dict(kernel_size=3, stride=1, dilation=2), (7, 8)),
     "3x3 s3": (dict(kernel_size=3, stride=3), (6, 9)),
+    # Stride 2 without padding on an even width: the first window starts
+    # at column 0 and the last column belongs to no window (the columns
+    # the backward zeroes around its first-write stores).
+    "3x3 s2": (dict(kernel_size=3, stride=2), (7, 8)),
     # Windows that reach past the padding (ceil_mode): absent positions
     # next to valued padding.
     "3x3 s2 p1 ceil pad=-0.5": (dict(kernel_size=3, stride=2, padding=1,
