@@ -994,7 +994,9 @@ def _bwd_rows_nhwc(x, gy, tblT, tpad, k, kind, plain, geo, bnd, row_lo,
     """Output rows [row_lo, row_hi) (global index n * out_h + oh); plain:
     windows do not overlap, so grad_x is stored, not accumulated; zero:
     grad_x holds anything and each row of it is zeroed here, just before
-    its first use (see _rows_to_zero), which saves a pass over memory.
+    its first use (see _rows_to_zero), which saves a pass over memory;
+    for 3x3 stride 2 only the columns that the register path does not
+    store first (first_stores below).
     kind is a literal (2, 3, or 0 for the tile path only): with the 2x2 and
     the 3x3 bodies both in one function the 2x2 backward ran 20-25%
     slower."""
