@@ -12,10 +12,9 @@ same code drives the kernels on a GPU (``xp = cupy``, ``launch`` calls a
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 

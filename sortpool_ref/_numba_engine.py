@@ -1159,6 +1159,19 @@ def _select_top(x, n, oh, ow, c, k, kh, kw, sh, sw, dh, dw, pt, pb, pl, pr,
 
 
 @njit(inline="always")
+def _scalar_window(x, n, oh, ow, c, tb, k, geo, top, top_pos):
+    """y of one window of one NCHW plane by scalar insertion (any window:
+    borders, padding, windows that keep fewer than k ranks)."""
+    (kh, kw, sh, sw, dh, dw, pt, pb, pl, pr, has_pad, pad_value) = geo
+    m = _select_top(x, n, oh, ow, c, k, kh, kw, sh, sw, dh, dw, pt, pb, pl,
+                    pr, has_pad, pad_value, top, top_pos)
+    acc = tb[m, 0] * top[0]
+    for r in range(1, m):
+        acc += tb[m, r] * top[r]
+    return acc
+
+
+@njit(inline="always")
 def _gather_2x2_nchw(x0, x1, lo, hi, sw, pl, dw, scr):
     """Deinterleave the 4 positions of windows lo..hi-1 of one output row
     into scr[0:4] (contiguous along the output columns)."""
@@ -1224,12 +1237,8 @@ def _fwd_plane_nchw(x, n, c, tb, k, geo, bnd, y, kk):
         for ow in range(out_w):
             if ow >= lo and ow < hi:
                 continue
-            m = _select_top(x, n, oh, ow, c, k, kh, kw, sh, sw, dh, dw, pt,
-                            pb, pl, pr, has_pad, pad_value, top, top_pos)
-            acc = tb[m, 0] * top[0]
-            for r in range(1, m):
-                acc += tb[m, r] * top[r]
-            yr[ow] = acc
+            yr[ow] = _scalar_window(x, n, oh, ow, c, tb, k, geo, top,
+                                    top_pos)
 
 
 @njit(parallel=True, cache=True)
@@ -1400,12 +1409,8 @@ def _fwd_plane_nchw_3x3(x, n, c, tb, k, geo, bnd, y, kk):
                                  pl if has_pad else 0,
                                  pr if has_pad else 0) >= k:
                 continue
-            m = _select_top(x, n, oh, ow, c, k, kh, kw, sh, sw, dh, dw, pt,
-                            pb, pl, pr, has_pad, pad_value, top, top_pos)
-            acc = tb[m, 0] * top[0]
-            for r in range(1, m):
-                acc += tb[m, r] * top[r]
-            yr[ow] = acc
+            yr[ow] = _scalar_window(x, n, oh, ow, c, tb, k, geo, top,
+                                    top_pos)
 
 
 @njit(parallel=True, cache=True)
