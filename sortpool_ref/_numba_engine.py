@@ -389,26 +389,11 @@ def _fwd_3x3_nhwc(r0, r1, r2, c0, dw, tb, y, kk):
 
 
 @njit(inline="always")
-def _add_rows(scr, first, dsts, overwrite):
-    """dsts[i] (+)= scr[first + i] for every row i."""
-    channels = scr.shape[1]
-    for i in range(len(dsts)):
-        src = scr[first + i]
-        dst = dsts[i]
-        if overwrite:
-            # Windows do not overlap: each position is written once, and a
-            # plain store spares reading the freshly zeroed pages.
-            for c in range(channels):
-                dst[c] = src[c]
-        else:
-            for c in range(channels):
-                dst[c] += src[c]
-
-
-@njit(inline="always")
 def _store_or_add_rows(scr, dsts, stores):
     """dsts[i] = scr[i] where bit i of stores is set, else dsts[i] +=
-    scr[i]."""
+    scr[i]. A plain store where a position is written first (windows that
+    do not overlap, or the first-write positions of the 3x3 backward)
+    spares reading freshly zeroed or stale memory."""
     channels = scr.shape[1]
     for i in range(len(dsts)):
         src = scr[i]
@@ -473,7 +458,7 @@ def _bwd_2x2_nhwc(x0, x1, x2, x3, g, tpad, gxs, acc, scr, overwrite, k):
         scr[5, c] = v1
         scr[6, c] = v2
         scr[7, c] = v3
-    _add_rows(scr, 0, gxs, overwrite)
+    _store_or_add_rows(scr, gxs, 15 if overwrite else 0)
     _add_partials(g, scr, 4, acc, k)
 
 
@@ -620,7 +605,7 @@ def _distinct_weights_3x3(xs, g, tpad, scr, kk):
     found too many pointers to check for overlap and left it scalar; the
     flag is an integer or the loop stays scalar (inspect_asm). Adding into
     grad_x straight from the weight loops was slower (23 ms against 19 ms
-    here) than writing scr and adding it in with _add_rows."""
+    here) than writing scr and adding it in with _store_or_add_rows."""
     literally(kk)
     zero = scr.dtype.type(0.0)
     x0, x1, x2, x3, x4, x5, x6, x7, x8 = xs
