@@ -318,10 +318,10 @@ def make_problem(x_shape: Tuple[int, ...], x_dtype: Any,
 
 def _make_problem(x_shape: Tuple[int, ...], x_dtype: Any,
                   w_shape: Tuple[int, ...], w_dtype: Any, *,
-                 kernel_size: Any = 2, stride: Any = None, padding: Any = 0,
-                 dilation: Any = 1, ceil_mode: Any = False,
-                 layout: Any = "NHWC", weighting: Any = "softmax",
-                 pad_value: Any = None) -> Problem:
+                  kernel_size: Any = 2, stride: Any = None, padding: Any = 0,
+                  dilation: Any = 1, ceil_mode: Any = False,
+                  layout: Any = "NHWC", weighting: Any = "softmax",
+                  pad_value: Any = None) -> Problem:
     """Check every argument of a forward call and describe the problem."""
     layout = check_layout(layout)
     weighting = check_weighting(weighting)
