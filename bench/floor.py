@@ -64,19 +64,46 @@ def _floor_nhwc(x, kh, kw, sh, sw, pt, pl, y):
 
 @njit(inline="always")
 def _row_max_2x2(a, b, yr, lo, hi, sw, pl):
-    for ow in range(lo, hi):
-        w0 = ow * sw - pl
-        yr[ow] = max(max(a[w0], a[w0 + 1]), max(b[w0], b[w0 + 1]))
+    # Slices first, so that every index in the loop counts up from 0:
+    # with an index that may be negative (ow * sw - pl for a run-time lo
+    # and pl) Numba wraps it around per element, and the loop ran 3x
+    # slower.
+    base = lo * sw - pl
+    a = a[base:]
+    b = b[base:]
+    yr = yr[lo:hi]
+    for i in range(hi - lo):
+        w0 = i * sw
+        yr[i] = max(max(a[w0], a[w0 + 1]), max(b[w0], b[w0 + 1]))
 
 
 @njit(inline="always")
 def _row_max_3x3(a, b, d, yr, lo, hi, sw, pl):
-    for ow in range(lo, hi):
-        w0 = ow * sw - pl
+    base = lo * sw - pl
+    a = a[base:]
+    b = b[base:]
+    d = d[base:]
+    yr = yr[lo:hi]
+    for i in range(hi - lo):
+        w0 = i * sw
         m0 = max(max(a[w0], a[w0 + 1]), a[w0 + 2])
         m1 = max(max(b[w0], b[w0 + 1]), b[w0 + 2])
         m2 = max(max(d[w0], d[w0 + 1]), d[w0 + 2])
-        yr[ow] = max(max(m0, m1), m2)
+        yr[i] = max(max(m0, m1), m2)
+
+
+@njit(inline="always")
+def _border_max(xp, h0, w0, kh, kw, height, width):
+    acc = -np.inf
+    for i in range(kh):
+        h = h0 + i
+        if h < 0 or h >= height:
+            continue
+        for j in range(kw):
+            col = w0 + j
+            if col >= 0 and col < width:
+                acc = max(acc, xp[h, col])
+    return acc
 
 
 @njit(parallel=True, cache=True)
@@ -92,45 +119,39 @@ def _floor_nchw(x, kh, kw, sh, sw, pt, pl, y):
     for t in prange(x.shape[0] * channels):
         n = t // channels
         c = t - n * channels
+        xp = x[n, c]
+        yp = y[n, c]
         for oh in range(out_h):
             h0 = oh * sh - pt
-            yr = y[n, c, oh]
+            yr = yp[oh]
+            first = out_w
+            last = out_w
             if h0 >= 0 and h0 + kh <= height and kh == 2 and kw == 2:
                 # A literal stride lets LLVM vectorise the strided loads.
                 if sw == 2:
-                    _row_max_2x2(x[n, c, h0], x[n, c, h0 + 1], yr, lo, hi,
-                                 2, pl)
+                    _row_max_2x2(xp[h0], xp[h0 + 1], yr, lo, hi, 2, pl)
                 else:
-                    _row_max_2x2(x[n, c, h0], x[n, c, h0 + 1], yr, lo, hi,
-                                 sw, pl)
+                    _row_max_2x2(xp[h0], xp[h0 + 1], yr, lo, hi, sw, pl)
                 first = lo
                 last = hi
             elif h0 >= 0 and h0 + kh <= height and kh == 3 and kw == 3:
                 if sw == 2:
-                    _row_max_3x3(x[n, c, h0], x[n, c, h0 + 1],
-                                 x[n, c, h0 + 2], yr, lo, hi, 2, pl)
+                    _row_max_3x3(xp[h0], xp[h0 + 1], xp[h0 + 2], yr, lo, hi,
+                                 2, pl)
                 else:
-                    _row_max_3x3(x[n, c, h0], x[n, c, h0 + 1],
-                                 x[n, c, h0 + 2], yr, lo, hi, sw, pl)
+                    _row_max_3x3(xp[h0], xp[h0 + 1], xp[h0 + 2], yr, lo, hi,
+                                 sw, pl)
                 first = lo
                 last = hi
-            else:
-                first = out_w
-                last = out_w
-            for ow in range(out_w):
-                if ow >= first and ow < last:
-                    continue
-                w0 = ow * sw - pl
-                acc = -np.inf
-                for i in range(kh):
-                    h = h0 + i
-                    if h < 0 or h >= height:
-                        continue
-                    for j in range(kw):
-                        col = w0 + j
-                        if col >= 0 and col < width:
-                            acc = max(acc, x[n, c, h, col])
-                yr[ow] = acc
+            # Border windows: only the columns outside [first, last) (a
+            # loop over every column that skipped the interior ones cost
+            # as much as the interior itself).
+            for ow in range(first):
+                yr[ow] = _border_max(xp, h0, ow * sw - pl, kh, kw, height,
+                                     width)
+            for ow in range(last, out_w):
+                yr[ow] = _border_max(xp, h0, ow * sw - pl, kh, kw, height,
+                                     width)
 
 
 def floor_maxpool(x: np.ndarray, kernel: int, stride: int, padding: int,
