@@ -1157,15 +1157,32 @@ def _scalar_window(x, n, oh, ow, c, tb, k, geo, top, top_pos):
 
 
 @njit(inline="always")
-def _gather_2x2_nchw(x0, x1, lo, hi, sw, pl, dw, scr):
-    """Deinterleave the 4 positions of windows lo..hi-1 of one output row
-    into scr[0:4] (contiguous along the output columns)."""
-    for ow in range(lo, hi):
-        col = ow * sw - pl
-        scr[0, ow] = x0[col]
-        scr[1, ow] = x0[col + dw]
-        scr[2, ow] = x1[col]
-        scr[3, ow] = x1[col + dw]
+def _row_2x2_nchw(x0, x1, yr, lo, hi, sw, pl, dw, p0, p1, p2, p3, kk):
+    """yr[lo:hi] from input rows x0, x1 of one plane (window ow starts at
+    column ow * sw - pl). The rows are sliced first so that every index
+    counts up from 0: Numba wraps an index that may be negative around
+    per element (ow * sw - pl with a run-time lo and pl), which kept this
+    loop 3x slower than memory."""
+    nan = yr.dtype.type(np.nan)
+    base = lo * sw - pl
+    a = x0[base:]
+    b = x1[base:]
+    yv = yr[lo:hi]
+    for i in range(hi - lo):
+        col = i * sw
+        a0 = a[col]
+        a1 = a[col + dw]
+        a2 = b[col]
+        a3 = b[col + dw]
+        v0, v1, v2, v3 = _sort4_nan_free(a0, a1, a2, a3)
+        acc = p0 * v0
+        if kk >= 2:
+            acc += p1 * v1
+        if kk >= 3:
+            acc += p2 * v2
+        if kk >= 4:
+            acc += p3 * v3
+        yv[i] = nan if _any_nan4(a0, a1, a2, a3) else acc
 
 
 @njit(cache=True)
@@ -1178,50 +1195,36 @@ def _fwd_plane_nchw(x, n, c, tb, k, geo, bnd, y, kk):
     out_w = y.shape[3]
     top = np.empty(k, dtype=x.dtype)
     top_pos = np.empty(k, dtype=np.int64)
-    scr = np.empty((4, out_w), dtype=x.dtype)
-    nan = x.dtype.type(np.nan)
+    # The weights as scalars: loads from the table inside the loop could
+    # alias the stores.
     p0 = tb[kk, 0]
     p1 = tb[kk, 1] if kk >= 2 else p0
     p2 = tb[kk, 2] if kk >= 3 else p0
     p3 = tb[kk, 3] if kk >= 4 else p0
+    xp = x[n, c]
+    yp = y[n, c]
     for oh in range(out_h):
-        yr = y[n, c, oh]
-        lo = ow_lo
-        hi = ow_hi
-        if oh < oh_lo or oh >= oh_hi:
-            lo = out_w
-            hi = out_w
-        else:
+        yr = yp[oh]
+        lo = out_w
+        hi = out_w
+        if oh >= oh_lo and oh < oh_hi:
+            lo = ow_lo
+            hi = ow_hi
             h0 = oh * sh - pt
             # Literal strides for the common case: LLVM vectorises the
             # strided loads only when it knows the stride.
             if sw == 2 and dw == 1:
-                _gather_2x2_nchw(x[n, c, h0], x[n, c, h0 + dh], lo, hi, 2,
-                                 pl, 1, scr)
+                _row_2x2_nchw(xp[h0], xp[h0 + dh], yr, lo, hi, 2, pl, 1, p0,
+                              p1, p2, p3, kk)
             else:
-                _gather_2x2_nchw(x[n, c, h0], x[n, c, h0 + dh], lo, hi, sw,
-                                 pl, dw, scr)
-            s0 = scr[0]
-            s1 = scr[1]
-            s2 = scr[2]
-            s3 = scr[3]
-            for ow in range(lo, hi):
-                a0 = s0[ow]
-                a1 = s1[ow]
-                a2 = s2[ow]
-                a3 = s3[ow]
-                v0, v1, v2, v3 = _sort4_nan_free(a0, a1, a2, a3)
-                acc = p0 * v0
-                if kk >= 2:
-                    acc += p1 * v1
-                if kk >= 3:
-                    acc += p2 * v2
-                if kk >= 4:
-                    acc += p3 * v3
-                yr[ow] = nan if _any_nan4(a0, a1, a2, a3) else acc
-        for ow in range(out_w):
-            if ow >= lo and ow < hi:
-                continue
+                _row_2x2_nchw(xp[h0], xp[h0 + dh], yr, lo, hi, sw, pl, dw,
+                              p0, p1, p2, p3, kk)
+        # Border windows only (a loop over every column that skipped the
+        # interior ones cost a third of the kernel).
+        for ow in range(lo):
+            yr[ow] = _scalar_window(x, n, oh, ow, c, tb, k, geo, top,
+                                    top_pos)
+        for ow in range(max(lo, hi), out_w):
             yr[ow] = _scalar_window(x, n, oh, ow, c, tb, k, geo, top,
                                     top_pos)
 
@@ -1264,9 +1267,12 @@ def _padded_row(x, n, c, h, pt, pb, pl, pr, has_pad, pad_value, row):
         row[j] = edge
     last = min(pl + width, span)
     if h >= 0 and h < height:
-        src = x[n, c, h]
-        for j in range(mid, last):
-            row[j] = src[j - pl]
+        # Indices from 0 (see _row_2x2_nchw): src[j - pl] for a run-time
+        # j and pl is wrapped around per element.
+        src = x[n, c, h][mid - pl:]
+        dst = row[mid:last]
+        for j in range(last - mid):
+            dst[j] = src[j]
     else:
         for j in range(mid, last):
             row[j] = edge
@@ -1384,12 +1390,16 @@ def _fwd_plane_nchw_3x3(x, n, c, tb, k, geo, bnd, y, kk):
                                p5, p6, p7, p8, kk)
         # Positions in the padding count as present only when it has a
         # value.
-        interior_row = oh >= oh_lo and oh < oh_hi
+        # Only the border columns (all of them in border rows).
+        lo = out_w
+        hi = out_w
+        if oh >= oh_lo and oh < oh_hi:
+            lo = ow_lo
+            hi = max(ow_lo, ow_hi)
         m_rows = _present(h0, dh, height, pt if has_pad else 0,
                           pb if has_pad else 0)
-        for ow in range(out_w):
-            if interior_row and ow >= ow_lo and ow < ow_hi:
-                continue
+        for j in range(out_w - (hi - lo)):
+            ow = j if j < lo else j + (hi - lo)
             if m_rows * _present(ow * sw - pl, dw, width,
                                  pl if has_pad else 0,
                                  pr if has_pad else 0) >= k:
