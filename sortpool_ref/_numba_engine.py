@@ -19,8 +19,8 @@ Kernels and where they run (docs/performance.md has the measurements):
   the backward ranks each position by its pairwise comparisons (stable by
   construction) and picks its weight from a zero-padded table.
 * NCHW forward, 2x2 and 3x3: one (sample, channel) plane per task,
-  innermost loop over the output columns. The 2x2 kernel deinterleaves
-  the windows inside the input into scratch rows; the 3x3 kernel copies
+  innermost loop over the output columns. The 2x2 kernel reads the
+  windows inside the input with a literal stride; the 3x3 kernel copies
   each input row into a padded scratch row (pad_value in the padding, -inf
   for absent positions) so that every window of a row is one vectorised
   loop, and redoes by scalar insertion the few windows that keep fewer
@@ -32,9 +32,17 @@ Kernels and where they run (docs/performance.md has the measurements):
   compare-exchanges.
 * scalar path: the per-window, per-channel insertion used for the border
   windows of the NCHW 2x2 kernel and the short windows of the NCHW 3x3.
-* NCHW geometries other than 2x2 and 3x3, and every backward of NCHW data,
-  run the NHWC kernels on a channels-last copy (the backward so that grad_w
-  is summed in one order, bit-identical whatever the layout).
+* NCHW backward, 2x2 stride 2 with windows that tile the input: one
+  (sample, channel) plane per task, innermost loop over the output
+  columns. Its grad_w is summed in another order than the NHWC kernel's
+  (equal to rounding); y and grad_x are bit-identical across layouts.
+* NCHW geometries other than 2x2 and 3x3, and the other backwards of NCHW
+  data, run the NHWC kernels on a channels-last copy.
+
+Indices in the hot loops count up from 0 (rows are sliced first): Numba
+wraps an index it cannot prove non-negative around per element, as Python
+does for negative indices, and that select kept the NCHW loops at about
+3x their present time.
 
 Compile time: helpers are plain ``@njit`` functions that LLVM inlines, not
 ``inline="always"`` (Numba-level inlining made each kernel several times
@@ -54,8 +62,9 @@ in a fixed order. The backward splits the output rows into a fixed number of
 chunks that depends only on the problem's shape; when windows of neighbouring
 rows overlap, even chunks run first and odd chunks second, so no two tasks
 running at the same time touch the same input row. Weight-gradient partial
-sums are float64, one slot per chunk (and channel), reduced in a fixed order
-afterwards. Results are therefore bit-identical whatever the thread count.
+sums are float64, one slot per chunk (and channel), or per plane for the
+NCHW 2x2 backward, reduced in a fixed order afterwards. Results are
+therefore bit-identical whatever the thread count.
 """
 
 from __future__ import annotations
@@ -247,18 +256,22 @@ def _weighted(v0, v1, v2, v3, v4, v5, v6, v7, v8, tb, c, kk):
 
 
 @njit(inline="always")
-def _ranks4(a0, a1, a2, a3, one, zero):
+def _ranks4(a0, a1, a2, a3, one, zero, nan_aware):
     """Rank (0 = highest) of each of 4 positions in scan order, stable, as
     floats of the input's dtype: integer ranks next to float data keep LLVM
     from vectorising the loop (checked with inspect_asm), float ranks do
-    not."""
+    not. nan_aware is a constant at every call: False (for values known to
+    hold no NaN) folds the NaN tests away."""
+    n0 = nan_aware & (a0 != a0)
+    n1 = nan_aware & (a1 != a1)
+    n2 = nan_aware & (a2 != a2)
     # bST: position S (earlier) ranks above position T (later).
-    b01 = one if (a0 != a0) | (a0 >= a1) else zero
-    b02 = one if (a0 != a0) | (a0 >= a2) else zero
-    b03 = one if (a0 != a0) | (a0 >= a3) else zero
-    b12 = one if (a1 != a1) | (a1 >= a2) else zero
-    b13 = one if (a1 != a1) | (a1 >= a3) else zero
-    b23 = one if (a2 != a2) | (a2 >= a3) else zero
+    b01 = one if n0 | (a0 >= a1) else zero
+    b02 = one if n0 | (a0 >= a2) else zero
+    b03 = one if n0 | (a0 >= a3) else zero
+    b12 = one if n1 | (a1 >= a2) else zero
+    b13 = one if n1 | (a1 >= a3) else zero
+    b23 = one if n2 | (a2 >= a3) else zero
     r0 = (one - b01) + (one - b02) + (one - b03)
     r1 = b01 + (one - b12) + (one - b13)
     r2 = b02 + b12 + (one - b23)
@@ -440,7 +453,7 @@ def _bwd_2x2_nhwc(x0, x1, x2, x3, g, tpad, gxs, acc, scr, overwrite, k):
         a2 = x2[c]
         a3 = x3[c]
         gc = g[c]
-        r0, r1, r2, r3 = _ranks4(a0, a1, a2, a3, one, zero)
+        r0, r1, r2, r3 = _ranks4(a0, a1, a2, a3, one, zero, True)
         q0 = p0[c]
         q1 = p1[c]
         q2 = p2[c]
@@ -1440,6 +1453,112 @@ def _forward_nchw_3x3(x, table, per_channel, k, kh, kw, sh, sw, dh, dw, pt,
             _fwd_plane_nchw_3x3(x, n, c, tb, k, geo, bnd, y, 9)
 
 
+@njit(inline="always")
+def _rank_row_2x2_nchw(x0, x1, gr, p0, p1, p2, p3, scr, nan_aware):
+    """The ranking loop of _bwd_row_2x2_nchw; nan_aware is a constant."""
+    zero = x0.dtype.type(0.0)
+    one = x0.dtype.type(1.0)
+    for i in range(gr.shape[0]):
+        col = 2 * i
+        a0 = x0[col]
+        a1 = x0[col + 1]
+        a2 = x1[col]
+        a3 = x1[col + 1]
+        gc = gr[i]
+        r0, r1, r2, r3 = _ranks4(a0, a1, a2, a3, one, zero, nan_aware)
+        scr[0, i] = gc * (p0 if r0 == 0 else p1 if r0 == 1 else
+                          p2 if r0 == 2 else p3)
+        scr[1, i] = gc * (p0 if r1 == 0 else p1 if r1 == 1 else
+                          p2 if r1 == 2 else p3)
+        scr[2, i] = gc * (p0 if r2 == 0 else p1 if r2 == 1 else
+                          p2 if r2 == 2 else p3)
+        scr[3, i] = gc * (p0 if r3 == 0 else p1 if r3 == 1 else
+                          p2 if r3 == 2 else p3)
+        if nan_aware:
+            v0, v1, v2, v3 = _sort4(a0, a1, a2, a3)
+        else:
+            v0, v1, v2, v3 = _sort4_nan_free(a0, a1, a2, a3)
+        scr[4, i] = v0
+        scr[5, i] = v1
+        scr[6, i] = v2
+        scr[7, i] = v3
+
+
+@njit(inline="always")
+def _bwd_row_2x2_nchw(x0, x1, gr, d0, d1, p0, p1, p2, p3, scr, accv, k):
+    """One output row of a 2x2 stride-2 backward on NCHW planes: input rows
+    x0, x1, grad_y row gr, grad_x rows d0, d1 (stored, not added: the
+    windows tile the input). As in the NHWC kernel the ranking loop
+    writes only the scratch tile scr (rows 0-3: g * weight of each
+    position, 4-7: the ranked values); short loops then store grad_x and
+    add g * a(r) into accv[r, i], float64 partial sums per window column
+    (element-wise, so they vectorise: a sum over the row would be a serial
+    chain of float64 additions). Rows without NaN (checked first) rank
+    with one comparison per pair and sort with the NaN-free network."""
+    out_w = gr.shape[0]
+    bad = 0
+    for j in range(2 * out_w):
+        bad |= (x0[j] != x0[j]) | (x1[j] != x1[j])
+    if bad:
+        _rank_row_2x2_nchw(x0, x1, gr, p0, p1, p2, p3, scr, True)
+    else:
+        _rank_row_2x2_nchw(x0, x1, gr, p0, p1, p2, p3, scr, False)
+    s0 = scr[0]
+    s1 = scr[1]
+    for i in range(out_w):
+        d0[2 * i] = s0[i]
+        d0[2 * i + 1] = s1[i]
+    s2 = scr[2]
+    s3 = scr[3]
+    for i in range(out_w):
+        d1[2 * i] = s2[i]
+        d1[2 * i + 1] = s3[i]
+    for r in range(k):
+        a = accv[r]
+        v = scr[4 + r]
+        for i in range(out_w):
+            a[i] += np.float64(gr[i]) * np.float64(v[i])
+
+
+@njit(parallel=True, cache=True)
+def _backward_nchw_2x2(x, gy, table, per_channel, k, gx, acc):
+    """2x2 stride-2 backward of NCHW arrays whose windows tile the input
+    exactly. One task per (sample, channel) plane, so that each task reads
+    and writes long contiguous runs; acc[n, k, r, c] gets the plane's
+    weight-gradient partial sums, reduced from per-column sums in a fixed
+    order, so results do not depend on the thread count."""
+    channels = x.shape[1]
+    out_h = gy.shape[2]
+    out_w = gy.shape[3]
+    zero = x.dtype.type(0.0)
+    for t in prange(x.shape[0] * channels):
+        n = t // channels
+        c = t - n * channels
+        tb = table[c if per_channel else 0]
+        # Unkept ranks select weight 0 (the zero-padded table of the NHWC
+        # kernel).
+        p0 = tb[k, 0]
+        p1 = tb[k, 1] if k >= 2 else zero
+        p2 = tb[k, 2] if k >= 3 else zero
+        p3 = tb[k, 3] if k >= 4 else zero
+        scr = np.empty((8, out_w), dtype=x.dtype)
+        accv = np.zeros((k, out_w))
+        xp = x[n, c]
+        dp = gx[n, c]
+        gp = gy[n, c]
+        for oh in range(out_h):
+            _bwd_row_2x2_nchw(xp[2 * oh], xp[2 * oh + 1], gp[oh],
+                              dp[2 * oh], dp[2 * oh + 1], p0, p1, p2, p3,
+                              scr, accv, k)
+        dst = acc[n, k]
+        for r in range(k):
+            total = 0.0
+            a = accv[r]
+            for i in range(out_w):
+                total += a[i]
+            dst[r, c] = total
+
+
 # --------------------------------------------------------------------------
 # Host side
 # --------------------------------------------------------------------------
@@ -1691,12 +1810,6 @@ def backward(grad_y: np.ndarray, x: np.ndarray, w: np.ndarray,
     table64 = softmax_table(w, p.weighting)
     table = table64.astype(p.dtype)
     kind, oh_lo, oh_hi, ow_lo, ow_hi = _plan(p)
-    # The backward always runs the NHWC kernels (on a channels-last copy of
-    # NCHW data), so that grad_w is summed in the same order, and is
-    # bit-identical, whatever the layout.
-    memory = "NHWC"
-    xm = _to(x, p.layout, memory, p.dtype)
-    gym = _to(np.asarray(grad_y), p.layout, memory, p.dtype)
     g = p.geometry
     k = p.pool_range
     plain = not (g.overlapping_rows or g.stride_w
@@ -1710,6 +1823,15 @@ def backward(grad_y: np.ndarray, x: np.ndarray, w: np.ndarray,
              and (g.dilation_h, g.dilation_w) == (1, 1)
              and g.out_h * g.kernel_h == g.height
              and g.out_w * g.kernel_w == g.width)
+    # NCHW memory runs a kernel of its own for 2x2 stride-2 windows that
+    # tile the input; every other NCHW backward runs the NHWC kernels on a
+    # channels-last copy.
+    memory = "NHWC"
+    if (tiles and kind == 2 and (g.stride_h, g.stride_w) == (2, 2)
+            and _kernel_memory(x, p) == "NCHW"):
+        memory = "NCHW"
+    xm = _to(x, p.layout, memory, p.dtype)
+    gym = _to(np.asarray(grad_y), p.layout, memory, p.dtype)
     gx = _target(out[0], p.layout, memory)
     direct = gx is not None
     if gx is None:
@@ -1733,8 +1855,14 @@ def backward(grad_y: np.ndarray, x: np.ndarray, w: np.ndarray,
         rows_per_chunk = max(rows_per_chunk, need)
         passes = 2
     n_chunks = -(-rows // rows_per_chunk) if rows else 0
-    acc = np.zeros((n_chunks, k + 1, k, p.channels))
-    if gx.size and rows:
+    if memory == "NCHW":
+        # Partial sums per (sample, channel) plane.
+        acc = np.zeros((p.batch, k + 1, k, p.channels))
+        if gx.size and rows:
+            _backward_nchw_2x2(xm, gym, table, p.per_channel, k, gx, acc)
+    else:
+        acc = np.zeros((n_chunks, k + 1, k, p.channels))
+    if memory == "NHWC" and gx.size and rows:
         tblT = _nhwc_table(table, p.channels)
         tpad = np.zeros((9, p.channels), p.dtype)
         if kind:  # register paths: k <= window size <= 9

@@ -5,8 +5,10 @@ different windows: the 2x2 and 3x3 register paths (NHWC) for windows
 inside the input, the channel-tile path for every other NHWC window (any
 geometry, padding, pad_value), the NCHW 2x2 forward (register path inside,
 scalar path on the borders), the NCHW 3x3 forward (padded rows, scalar path
-for windows that keep fewer ranks than pool_range), and NHWC kernels on a
-channels-last copy for the other NCHW geometries and every NCHW backward. Each geometry below is chosen to hit some of them; every one is
+for windows that keep fewer ranks than pool_range), the NCHW 2x2 stride-2
+backward where windows tile the input ("2x2"), and NHWC kernels on a
+channels-last copy for the other NCHW geometries and backwards. Each
+geometry below is chosen to hit some of them; every one is
 compared with the reference on values with NaN, infinities, signed zeros and
 ties, for every pool_range, both layouts, both dtypes and both weight shapes,
 and checked for bit-identical results across calls and thread counts.
@@ -275,23 +277,51 @@ def _bits(a):
 @pytest.mark.parametrize("name", ["2x2", "2x2 p1", "3x3 s2 p1", "3x3 s1 d2"])
 def test_bit_identical_across_calls_and_threads(name, layout, dtype):
     geo, _ = GEOMETRIES[name]
-    # Enough rows for several weight-gradient chunks and parity passes.
-    shape = ((3, 21, 17, 6) if layout == "NHWC" else (3, 6, 21, 17))
-    x = array_of("ties", shape, dtype, 11)
-    channels = shape[3] if layout == "NHWC" else shape[1]
-    w = np.random.default_rng(2).normal(size=(channels, 3))
-    p = _problem(x, w, layout, geo)
-    gy = array_of("normal", p.out_shape, dtype, 12)
-    threads = numba.get_num_threads()
-    results = []
-    try:
-        for n_threads in (1, min(2, numba.config.NUMBA_NUM_THREADS), 1,
-                          numba.config.NUMBA_NUM_THREADS):
-            numba.set_num_threads(n_threads)
-            y = engine.forward(x, w, p)
-            gx, gw = engine.backward(gy, x, w, p)
-            results.append((_bits(y), _bits(gx), _bits(gw)))
-    finally:
-        numba.set_num_threads(threads)
-    assert all(r == results[0] for r in results[1:])
-    _compare(x, w, p, gy, name)
+    # Enough rows for several weight-gradient chunks and parity passes; odd
+    # and even sizes (2x2 windows tile the even one: the NCHW backward
+    # kernel, and grad_x stored without zeroing).
+    for height, width in ((21, 17), (22, 18)):
+        shape = ((3, height, width, 6) if layout == "NHWC"
+                 else (3, 6, height, width))
+        x = array_of("ties", shape, dtype, 11)
+        channels = shape[3] if layout == "NHWC" else shape[1]
+        w = np.random.default_rng(2).normal(size=(channels, 3))
+        p = _problem(x, w, layout, geo)
+        gy = array_of("normal", p.out_shape, dtype, 12)
+        threads = numba.get_num_threads()
+        results = []
+        try:
+            for n_threads in (1, min(2, numba.config.NUMBA_NUM_THREADS), 1,
+                              numba.config.NUMBA_NUM_THREADS):
+                numba.set_num_threads(n_threads)
+                y = engine.forward(x, w, p)
+                gx, gw = engine.backward(gy, x, w, p)
+                results.append((_bits(y), _bits(gx), _bits(gw)))
+        finally:
+            numba.set_num_threads(threads)
+        assert all(r == results[0] for r in results[1:])
+        _compare(x, w, p, gy, f"{name} {shape}")
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nchw_2x2_backward_runs_without_copies(dtype, per_channel,
+                                               monkeypatch):
+    """2x2 stride-2 windows that tile an NCHW input take the NCHW backward
+    kernel (no channels-last copy), into a fresh array and into out=."""
+    def no_copy(*args):
+        raise AssertionError("copied to channels-last")
+
+    monkeypatch.setattr(engine, "_nchw_to_nhwc", no_copy)
+    monkeypatch.setattr(engine, "_nhwc_to_nchw", no_copy)
+    rng = np.random.default_rng(3)
+    for values, k in itertools.product(VALUES, range(1, 5)):
+        x = array_of(values, (2, 3, 6, 10), dtype, k)
+        w = _weights(rng, 3, k, per_channel)
+        p = _problem(x, w, "NCHW", dict(kernel_size=2))
+        gy = array_of("normal", p.out_shape, dtype, k)
+        _compare(x, w, p, gy, f"{values} k={k}")
+        gx = np.full_like(x, np.nan)
+        got, _ = engine.backward(gy, x, w, p, out=(gx, None))
+        assert got is gx
+        np.testing.assert_array_equal(gx, engine.backward(gy, x, w, p)[0])
