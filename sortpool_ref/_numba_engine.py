@@ -32,7 +32,7 @@ Kernels and where they run (docs/performance.md has the measurements):
   compare-exchanges.
 * scalar path: the per-window, per-channel insertion used for the border
   windows of the NCHW 2x2 kernel and the short windows of the NCHW 3x3.
-* NCHW backward, 2x2 stride 2 with windows that tile the input: one
+* NCHW backward, 2x2 stride 2 with every window inside the input: one
   (sample, channel) plane per task, innermost loop over the output
   columns. Its grad_w is summed in another order than the NHWC kernel's
   (equal to rounding); y and grad_x are bit-identical across layouts.
@@ -1488,7 +1488,7 @@ def _rank_row_2x2_nchw(x0, x1, gr, p0, p1, p2, p3, scr, nan_aware):
 def _bwd_row_2x2_nchw(x0, x1, gr, d0, d1, p0, p1, p2, p3, scr, accv, k):
     """One output row of a 2x2 stride-2 backward on NCHW planes: input rows
     x0, x1, grad_y row gr, grad_x rows d0, d1 (stored, not added: the
-    windows tile the input). As in the NHWC kernel the ranking loop
+    windows do not overlap). As in the NHWC kernel the ranking loop
     writes only the scratch tile scr (rows 0-3: g * weight of each
     position, 4-7: the ranked values); short loops then store grad_x and
     add g * a(r) into accv[r, i], float64 partial sums per window column
@@ -1522,12 +1522,16 @@ def _bwd_row_2x2_nchw(x0, x1, gr, d0, d1, p0, p1, p2, p3, scr, accv, k):
 
 @njit(parallel=True, cache=True)
 def _backward_nchw_2x2(x, gy, table, per_channel, k, gx, acc):
-    """2x2 stride-2 backward of NCHW arrays whose windows tile the input
-    exactly. One task per (sample, channel) plane, so that each task reads
-    and writes long contiguous runs; acc[n, k, r, c] gets the plane's
-    weight-gradient partial sums, reduced from per-column sums in a fixed
-    order, so results do not depend on the thread count."""
+    """2x2 stride-2 backward of NCHW arrays whose windows all lie inside
+    the input (no padding); the last row and column of an odd-sized input
+    belong to no window and are zeroed. One task per (sample, channel)
+    plane, so that each task reads and writes long contiguous runs;
+    acc[n, k, r, c] gets the plane's weight-gradient partial sums, reduced
+    from per-column sums in a fixed order, so results do not depend on the
+    thread count."""
     channels = x.shape[1]
+    height = x.shape[2]
+    width = x.shape[3]
     out_h = gy.shape[2]
     out_w = gy.shape[3]
     zero = x.dtype.type(0.0)
@@ -1550,6 +1554,14 @@ def _backward_nchw_2x2(x, gy, table, per_channel, k, gx, acc):
             _bwd_row_2x2_nchw(xp[2 * oh], xp[2 * oh + 1], gp[oh],
                               dp[2 * oh], dp[2 * oh + 1], p0, p1, p2, p3,
                               scr, accv, k)
+        for h in range(2 * out_h):
+            dr = dp[h]
+            for j in range(2 * out_w, width):
+                dr[j] = zero
+        for h in range(2 * out_h, height):
+            dr = dp[h]
+            for j in range(width):
+                dr[j] = zero
         dst = acc[n, k]
         for r in range(k):
             total = 0.0
@@ -1824,10 +1836,12 @@ def backward(grad_y: np.ndarray, x: np.ndarray, w: np.ndarray,
              and g.out_h * g.kernel_h == g.height
              and g.out_w * g.kernel_w == g.width)
     # NCHW memory runs a kernel of its own for 2x2 stride-2 windows that
-    # tile the input; every other NCHW backward runs the NHWC kernels on a
-    # channels-last copy.
+    # all lie inside the input; every other NCHW backward runs the NHWC
+    # kernels on a channels-last copy.
     memory = "NHWC"
-    if (tiles and kind == 2 and (g.stride_h, g.stride_w) == (2, 2)
+    if (kind == 2 and (g.stride_h, g.stride_w) == (2, 2)
+            and (g.dilation_h, g.dilation_w) == (1, 1)
+            and (oh_lo, oh_hi, ow_lo, ow_hi) == (0, g.out_h, 0, g.out_w)
             and _kernel_memory(x, p) == "NCHW"):
         memory = "NCHW"
     xm = _to(x, p.layout, memory, p.dtype)
@@ -1836,7 +1850,7 @@ def backward(grad_y: np.ndarray, x: np.ndarray, w: np.ndarray,
     direct = gx is not None
     if gx is None:
         gx = np.empty(xm.shape, dtype=p.dtype)
-    if not tiles:
+    if not tiles and memory == "NHWC":
         # The kernel zeroes each row that windows cover just before its
         # first use (_rows_to_zero); the rows no window covers are zeroed
         # here.

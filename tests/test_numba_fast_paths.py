@@ -6,8 +6,9 @@ inside the input, the channel-tile path for every other NHWC window (any
 geometry, padding, pad_value), the NCHW 2x2 forward (register path inside,
 scalar path on the borders), the NCHW 3x3 forward (padded rows, scalar path
 for windows that keep fewer ranks than pool_range), the NCHW 2x2 stride-2
-backward where windows tile the input ("2x2"), and NHWC kernels on a
-channels-last copy for the other NCHW geometries and backwards. Each
+backward where every window lies inside the input ("2x2"), and NHWC
+kernels on a channels-last copy for the other NCHW geometries and
+backwards. Each
 geometry below is chosen to hit some of them; every one is
 compared with the reference on values with NaN, infinities, signed zeros and
 ties, for every pool_range, both layouts, both dtypes and both weight shapes,
@@ -307,7 +308,8 @@ def test_bit_identical_across_calls_and_threads(name, layout, dtype):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_nchw_2x2_backward_runs_without_copies(dtype, per_channel,
                                                monkeypatch):
-    """2x2 stride-2 windows that tile an NCHW input take the NCHW backward
+    """2x2 stride-2 windows inside an NCHW input (even sizes, and odd ones
+    whose last row and column no window covers) take the NCHW backward
     kernel (no channels-last copy), into a fresh array and into out=."""
     def no_copy(*args):
         raise AssertionError("copied to channels-last")
@@ -315,8 +317,9 @@ def test_nchw_2x2_backward_runs_without_copies(dtype, per_channel,
     monkeypatch.setattr(engine, "_nchw_to_nhwc", no_copy)
     monkeypatch.setattr(engine, "_nhwc_to_nchw", no_copy)
     rng = np.random.default_rng(3)
-    for values, k in itertools.product(VALUES, range(1, 5)):
-        x = array_of(values, (2, 3, 6, 10), dtype, k)
+    for values, k, size in itertools.product(VALUES, range(1, 5),
+                                             ((6, 10), (7, 11))):
+        x = array_of(values, (2, 3) + size, dtype, k)
         w = _weights(rng, 3, k, per_channel)
         p = _problem(x, w, "NCHW", dict(kernel_size=2))
         gy = array_of("normal", p.out_shape, dtype, k)
