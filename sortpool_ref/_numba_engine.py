@@ -280,6 +280,13 @@ def _ranks4(a0, a1, a2, a3, one, zero, nan_aware):
 
 
 @njit(inline="always")
+def _pick4(r, q0, q1, q2, q3):
+    """The weight of rank r (a float, see _ranks4) from 4 weights loaded
+    before the select chain (a conditional load keeps the loop scalar)."""
+    return q0 if r == 0 else q1 if r == 1 else q2 if r == 2 else q3
+
+
+@njit(inline="always")
 def _ranks9(a0, a1, a2, a3, a4, a5, a6, a7, a8, one, zero, nan_aware):
     """Stable ranks of 9 positions from their 36 pairwise comparisons (as
     _ranks4). nan_aware is a constant at every call: False (for windows
@@ -458,14 +465,10 @@ def _bwd_2x2_nhwc(x0, x1, x2, x3, g, tpad, gxs, acc, scr, overwrite, k):
         q1 = p1[c]
         q2 = p2[c]
         q3 = p3[c]
-        scr[0, c] = gc * (q0 if r0 == 0 else q1 if r0 == 1 else
-                          q2 if r0 == 2 else q3)
-        scr[1, c] = gc * (q0 if r1 == 0 else q1 if r1 == 1 else
-                          q2 if r1 == 2 else q3)
-        scr[2, c] = gc * (q0 if r2 == 0 else q1 if r2 == 1 else
-                          q2 if r2 == 2 else q3)
-        scr[3, c] = gc * (q0 if r3 == 0 else q1 if r3 == 1 else
-                          q2 if r3 == 2 else q3)
+        scr[0, c] = gc * _pick4(r0, q0, q1, q2, q3)
+        scr[1, c] = gc * _pick4(r1, q0, q1, q2, q3)
+        scr[2, c] = gc * _pick4(r2, q0, q1, q2, q3)
+        scr[3, c] = gc * _pick4(r3, q0, q1, q2, q3)
         v0, v1, v2, v3 = _sort4(a0, a1, a2, a3)
         scr[4, c] = v0
         scr[5, c] = v1
@@ -1466,14 +1469,10 @@ def _rank_row_2x2_nchw(x0, x1, gr, p0, p1, p2, p3, scr, nan_aware):
         a3 = x1[col + 1]
         gc = gr[i]
         r0, r1, r2, r3 = _ranks4(a0, a1, a2, a3, one, zero, nan_aware)
-        scr[0, i] = gc * (p0 if r0 == 0 else p1 if r0 == 1 else
-                          p2 if r0 == 2 else p3)
-        scr[1, i] = gc * (p0 if r1 == 0 else p1 if r1 == 1 else
-                          p2 if r1 == 2 else p3)
-        scr[2, i] = gc * (p0 if r2 == 0 else p1 if r2 == 1 else
-                          p2 if r2 == 2 else p3)
-        scr[3, i] = gc * (p0 if r3 == 0 else p1 if r3 == 1 else
-                          p2 if r3 == 2 else p3)
+        scr[0, i] = gc * _pick4(r0, p0, p1, p2, p3)
+        scr[1, i] = gc * _pick4(r1, p0, p1, p2, p3)
+        scr[2, i] = gc * _pick4(r2, p0, p1, p2, p3)
+        scr[3, i] = gc * _pick4(r3, p0, p1, p2, p3)
         if nan_aware:
             v0, v1, v2, v3 = _sort4(a0, a1, a2, a3)
         else:
