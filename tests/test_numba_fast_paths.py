@@ -4,8 +4,8 @@ The engine (sortpool_ref/_numba_engine.py) runs different loops for
 different windows: the 2x2 and 3x3 register paths (NHWC) for windows
 inside the input, the channel-tile path for every other NHWC window (any
 geometry, padding, pad_value), the NCHW 2x2 forward (register path inside,
-scalar path on the borders), the NCHW 3x3 forward (padded rows, scalar path
-for windows that keep fewer ranks than pool_range), the NCHW 2x2 stride-2
+scalar path on the borders), the NCHW 3x3 forward (padded rows, windows that
+keep fewer ranks than pool_range redone one by one), the NCHW 2x2 stride-2
 backward where every window lies inside the input ("2x2"), and NHWC
 kernels on a channels-last copy for the other NCHW geometries and
 backwards. Each
