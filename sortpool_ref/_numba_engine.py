@@ -235,7 +235,8 @@ def _any_nan9(a0, a1, a2, a3, a4, a5, a6, a7, a8):
 @njit
 def _weighted(v0, v1, v2, v3, v4, v5, v6, v7, v8, tb, c, kk):
     """sum_{r < kk} tb[r, c] v_r; kk is the pool_range as a literal, so the
-    unused terms vanish at compile time."""
+    unused terms vanish at compile time, or a run-time rank count
+    (_edge_3x3_nchw)."""
     acc = tb[0, c] * v0
     if kk > 1:
         acc += tb[1, c] * v1
@@ -1364,23 +1365,9 @@ def _edge_3x3_nchw(r0, r1, r2, col, dw, tb, m):
         return r0.dtype.type(np.nan)
     v0, v1, v2, v3, v4, v5, v6, v7, v8 = _sort9_nan_free(
         a0, a1, a2, a3, a4, a5, a6, a7, a8)
-    t = tb[m]
-    acc = t[0] * v0
-    if m > 1:
-        acc += t[1] * v1
-    if m > 2:
-        acc += t[2] * v2
-    if m > 3:
-        acc += t[3] * v3
-    if m > 4:
-        acc += t[4] * v4
-    if m > 5:
-        acc += t[5] * v5
-    if m > 6:
-        acc += t[6] * v6
-    if m > 7:
-        acc += t[7] * v7
-    return acc
+    # Table row m as a (ranks, 1) column, for _weighted's tb[r, c].
+    return _weighted(v0, v1, v2, v3, v4, v5, v6, v7, v8, tb[m:m + 1].T, 0,
+                     m)
 
 
 @njit(inline="always")
