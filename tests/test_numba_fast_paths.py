@@ -214,6 +214,34 @@ def test_3x3_special_windows_along_columns(padding, layout, dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+@pytest.mark.parametrize("kernel", [2, 3])
+def test_weight_gradient_blocks(kernel, layout, dtype):
+    """The weight gradient's products are summed in blocks of at most
+    engine._BLOCK windows before they go into float64 (consecutive windows
+    of an output row in NHWC, consecutive output rows of a column in the
+    NCHW 2x2 kernel). 75 x 75 output windows cross several block ends
+    inside a row and a column. Positive values and grad_y make every
+    product positive, so a block lost or added twice moves the weight
+    gradient by far more than the tolerance."""
+    assert engine._BLOCK < 75
+    size = 2 * 75 + 1
+    shape = ((2, size, size, 3) if layout == "NHWC"
+             else (2, 3, size, size))
+    x = array_of("distinct", shape, dtype, 21)
+    x = x - x.min() + dtype(1.0)
+    geo = (dict(kernel_size=2) if kernel == 2
+           else dict(kernel_size=3, stride=2, padding=1))
+    rng = np.random.default_rng(22)
+    for k in ((1, 2, 4) if kernel == 2 else (1, 2, 4, 9)):
+        w = rng.normal(size=(k,))
+        for weighting in ("softmax", "raw"):
+            p = _problem(x, w, layout, dict(geo, weighting=weighting))
+            gy = np.abs(array_of("normal", p.out_shape, dtype, k)) + 0.5
+            _compare(x, w, p, gy.astype(dtype), f"k={k} {weighting}")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("pad_value", [None, 0.0])
 def test_tile_path_special_windows(pad_value, dtype):
     """3x3 windows of NaN, +-inf, signed zeros and ties with zero padding
