@@ -75,6 +75,7 @@ the thread count.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import numpy as np
@@ -1849,6 +1850,26 @@ def _nhwc_table(table: np.ndarray, channels: int) -> np.ndarray:
     return out
 
 
+def _tables(w: np.ndarray, p: Problem):
+    """(table64, table, tblT) for w and p: the float64 softmax table, the
+    same in the dtype of x, and as _nhwc_table. The last 8 are kept (keyed
+    by w's bytes, dtype and shape, the weighting, the dtype and the channel
+    count; a few KB each for shared weights), so that a backward finds the
+    tables of its forward and repeated calls with the same weights skip
+    the work. The kernels and the weight gradient only read them."""
+    w = np.ascontiguousarray(w)
+    return _tables_for(w.tobytes(), w.dtype.str, w.shape, p.weighting,
+                       p.dtype.str, p.channels)
+
+
+@functools.lru_cache(maxsize=8)
+def _tables_for(w_bytes, w_dtype, w_shape, weighting, dtype, channels):
+    w = np.frombuffer(w_bytes, dtype=w_dtype).reshape(w_shape)
+    table64 = softmax_table(w, weighting)
+    table = table64.astype(dtype)
+    return table64, table, _nhwc_table(table, channels)
+
+
 # The front door (sortpool_ref._api) passes checked out= arrays to this
 # engine, which writes into them when their strides allow.
 WRITES_INTO_OUT = True
@@ -1858,7 +1879,7 @@ def forward(x: np.ndarray, w: np.ndarray, p: Problem,
             out: Optional[np.ndarray] = None) -> np.ndarray:
     """y for checked arrays: x (float32/float64, p.layout), w (k,) or (C,
     k); written into ``out`` (checked: shape, dtype, no overlap) if given."""
-    table = softmax_table(w, p.weighting).astype(p.dtype)
+    _, table, tblT = _tables(w, p)
     kind, oh_lo, oh_hi, ow_lo, ow_hi = _plan(p)
     memory = _kernel_memory(x, p)
     xm = _to(x, p.layout, memory, p.dtype)
@@ -1869,7 +1890,7 @@ def forward(x: np.ndarray, w: np.ndarray, p: Problem,
         if y is None:
             y = np.empty((p.batch, g.out_h, g.out_w, p.channels), p.dtype)
         if y.size:
-            _forward_nhwc(xm, _nhwc_table(table, p.channels), p.pool_range,
+            _forward_nhwc(xm, tblT, p.pool_range,
                           kind, *_geometry_args(p), oh_lo, oh_hi, ow_lo,
                           ow_hi, y)
     else:
@@ -1892,8 +1913,7 @@ def backward(grad_y: np.ndarray, x: np.ndarray, w: np.ndarray,
              p: Problem, out=(None, None)):
     """(grad_x, grad_w) for checked arrays; grad_y has the output's shape.
     out: (grad_x, grad_w) arrays (checked) to write into, or None each."""
-    table64 = softmax_table(w, p.weighting)
-    table = table64.astype(p.dtype)
+    table64, table, tblT = _tables(w, p)
     kind, oh_lo, oh_hi, ow_lo, ow_hi = _plan(p)
     g = p.geometry
     k = p.pool_range
@@ -1950,7 +1970,6 @@ def backward(grad_y: np.ndarray, x: np.ndarray, w: np.ndarray,
     else:
         acc = np.zeros((n_chunks, k + 1, k, p.channels))
     if memory == "NHWC" and gx.size and rows:
-        tblT = _nhwc_table(table, p.channels)
         tpad = np.zeros((9, p.channels), p.dtype)
         if kind:  # register paths: k <= window size <= 9
             tpad[:k] = tblT[k]

@@ -241,6 +241,39 @@ def test_weight_gradient_blocks(kernel, layout, dtype):
             _compare(x, w, p, gy.astype(dtype), f"k={k} {weighting}")
 
 
+def test_weight_tables_follow_the_weights():
+    """The engine keeps the tables of the last few weights
+    (engine._tables): weights changed in place, the same values in another
+    dtype, shape or weighting, and another channel count or dtype of x
+    each get their own, so no call sees another's tables."""
+    rng = np.random.default_rng(23)
+    x = array_of("distinct", (2, 6, 8, 4), np.float64, 23)
+
+    def run(x, w, **kw):
+        p = _problem(x, w, "NHWC", dict(kernel_size=2, **kw))
+        gy = array_of("normal", p.out_shape, x.dtype, 24)
+        y = engine.forward(x, w, p)
+        gx, gw = engine.backward(gy, x, w, p)
+        _compare(x, w, p, gy, str(kw))
+        return y, gx, gw
+
+    w = np.array([0.3, -1.2])
+    first = run(x, w)
+    w[:] = [-1.2, 0.3]  # same bytes in another order: another key
+    second = run(x, w)
+    assert not np.array_equal(first[0], second[0])
+    w[:] = [0.3, -1.2]
+    again = run(x, w)
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a, b)
+    run(x, w.astype(np.float32))
+    run(x, np.tile(w, (4, 1)))
+    run(x, w, weighting="raw")
+    run(x.astype(np.float32), w)
+    run(array_of("distinct", (2, 6, 8, 3), np.float64, 25), w)
+    run(x, rng.normal(size=(4, 2)))
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("pad_value", [None, 0.0])
 def test_tile_path_special_windows(pad_value, dtype):
