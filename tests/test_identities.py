@@ -199,8 +199,9 @@ def test_layouts_give_the_same_numbers(engine):
         gx2, gw2 = run_backward(engine, case2, g.transpose(0, 3, 1, 2),
                                 layout="NCHW")
         np.testing.assert_array_equal(gx2.transpose(0, 2, 3, 1), gx)
-        # The weight gradient is a float64 sum that an engine may add up in
-        # another order for each layout: equal to rounding.
+        # The weight gradient (x is float64 here) is a float64 sum that an
+        # engine may add up in another order for each layout: equal to
+        # rounding.
         scale = np.abs(g).sum() * np.abs(case.x).max() + 1.0
         np.testing.assert_allclose(gw2, gw, rtol=1e-12, atol=1e-12 * scale)
 
