@@ -386,19 +386,21 @@ def _fwd_2x2_nhwc(x0, x1, x2, x3, tb, y, kk):
 
 
 @njit(inline="always")
+def _window9(r0, r1, r2, col, dw):
+    """The 9 entries of a 3x3 window in scan order: columns col, col + dw,
+    col + 2 dw of rows r0, r1, r2 (scalars of padded NCHW rows, or (C,)
+    channel rows of NHWC ones)."""
+    return (r0[col], r0[col + dw], r0[col + 2 * dw],
+            r1[col], r1[col + dw], r1[col + 2 * dw],
+            r2[col], r2[col + dw], r2[col + 2 * dw])
+
+
+@njit(inline="always")
 def _fwd_3x3_nhwc(r0, r1, r2, c0, dw, tb, y, kk):
     """Window whose rows are r0, r1, r2 (each (W, C)), columns c0, c0 + dw,
     c0 + 2 dw."""
     nan = y.dtype.type(np.nan)
-    x0 = r0[c0]
-    x1 = r0[c0 + dw]
-    x2 = r0[c0 + 2 * dw]
-    x3 = r1[c0]
-    x4 = r1[c0 + dw]
-    x5 = r1[c0 + 2 * dw]
-    x6 = r2[c0]
-    x7 = r2[c0 + dw]
-    x8 = r2[c0 + 2 * dw]
+    x0, x1, x2, x3, x4, x5, x6, x7, x8 = _window9(r0, r1, r2, c0, dw)
     for c in range(y.shape[0]):
         a0 = x0[c]
         a1 = x1[c]
@@ -1351,16 +1353,8 @@ def _sort_row_3x3_nchw(r0, r1, r2, yr, sw, dw, p0, p1, p2, p3, p4, p5, p6,
     rows r0, r1, r2 (window ow starts at column ow * sw)."""
     nan = yr.dtype.type(np.nan)
     for ow in range(yr.shape[0]):
-        col = ow * sw
-        a0 = r0[col]
-        a1 = r0[col + dw]
-        a2 = r0[col + 2 * dw]
-        a3 = r1[col]
-        a4 = r1[col + dw]
-        a5 = r1[col + 2 * dw]
-        a6 = r2[col]
-        a7 = r2[col + dw]
-        a8 = r2[col + 2 * dw]
+        a0, a1, a2, a3, a4, a5, a6, a7, a8 = _window9(r0, r1, r2, ow * sw,
+                                                      dw)
         v0, v1, v2, v3, v4, v5, v6, v7, v8 = _sort9_nan_free(
             a0, a1, a2, a3, a4, a5, a6, a7, a8)
         acc = p0 * v0
@@ -1393,15 +1387,7 @@ def _edge_3x3_nchw(r0, r1, r2, col, dw, tb, m):
     _scalar_window does. About 5x faster than the insertion there, which
     matters for k > 6, where every top-row and left-column window of a
     padded input lands here."""
-    a0 = r0[col]
-    a1 = r0[col + dw]
-    a2 = r0[col + 2 * dw]
-    a3 = r1[col]
-    a4 = r1[col + dw]
-    a5 = r1[col + 2 * dw]
-    a6 = r2[col]
-    a7 = r2[col + dw]
-    a8 = r2[col + 2 * dw]
+    a0, a1, a2, a3, a4, a5, a6, a7, a8 = _window9(r0, r1, r2, col, dw)
     if _any_nan9(a0, a1, a2, a3, a4, a5, a6, a7, a8):
         return r0.dtype.type(np.nan)
     v0, v1, v2, v3, v4, v5, v6, v7, v8 = _sort9_nan_free(
