@@ -195,7 +195,7 @@ def run_gpu_tests(timeout: float) -> Tuple[bool, str]:
     # pytest runs in a child process (for the timeout) that first maps
     # sortpool_ref.gpu exactly as this process did, installed or not.
     cmd = [sys.executable, "-c", _PYTEST_BOOT, str(Path(__file__).resolve()),
-           str(tests), "-m", "gpu", "-q", "-p", "no:cacheprovider"]
+           str(tests), "-m", "gpu", "-q", "-rf", "-p", "no:cacheprovider"]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True,
                               timeout=timeout, cwd=str(REPO_ROOT))
@@ -203,6 +203,12 @@ def run_gpu_tests(timeout: float) -> Tuple[bool, str]:
         return False, f"timed out after {timeout:.0f} s"
     lines = [ln for ln in done.stdout.splitlines() if ln.strip()]
     summary = lines[-1] if lines else done.stderr.strip()[-500:]
+    # -rf lists each failed test ("FAILED test_id - message"): the report
+    # names them, so that a failure says where to look.
+    failed = [ln for ln in lines if ln.startswith("FAILED ")]
+    if failed:
+        summary += "\n\n" + "\n".join(f"- `{ln[7:][:300]}`"
+                                      for ln in failed[:20])
     # 5: no tests collected
     return done.returncode in (0, 5), summary
 
@@ -517,13 +523,15 @@ def render_report(env: Sequence[Tuple[str, str]], tests: Tuple[bool, str],
                   sweep: Tuple[int, List[str]], bench: Optional[tuple],
                   seconds: float) -> str:
     ok_tests, test_summary = tests
+    # The pytest summary line, then the failed tests as a list, if any.
+    test_line, _, failed_tests = test_summary.partition("\n")
     count, failures = sweep
     out = ["# sortpool_ref GPU check", "", "## Environment", "",
            "| | |", "|---|---|"]
     out += [f"| {k} | {v} |" for k, v in env]
     out += ["", "## GPU tests", "",
             f"{_verdict(ok_tests) if ok_tests else 'FAIL'}: "
-            f"`{test_summary}`", "",
+            f"`{test_line}`", failed_tests, "",
             "## Randomized sweep against the float64 reference", "",
             f"{count} cases, {len(failures)} failed "
             f"({'PASS' if not failures and count else 'FAIL'}).", ""]

@@ -509,8 +509,11 @@ __global__ void sortpool_grad_w_partials(
     for (sp_i64 p = sp_first_index(); p < columns; p += sp_index_step()) {
         const int c = (int)(channels_inner ? p % g.C : p / Q);
         const sp_i64 q = channels_inner ? p / g.C : p % Q;
+        // Column c * Q + q whichever axis neighbouring threads take
+        // (channels_inner), so that the column sums, and grad_w to the last
+        // bit, do not depend on the memory order of x.
         double* part = partials + (per_channel ? (sp_i64)c * slots * cols : 0)
-                       + (per_channel ? q : p);
+                       + (per_channel ? q : (sp_i64)c * Q + q);
         constexpr int CAP = SpCapacity<WIN, KMAX>::value;
         // Sums of the windows that keep all k ranks (all but some border
         // windows) stay in registers.

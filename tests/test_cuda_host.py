@@ -341,6 +341,34 @@ def test_non_contiguous_inputs(runner, dtype):
         kernel_size=2, layout="NCHW", weighting="raw"))
 
 
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_memory_order_keeps_the_bits(runner, dtype, per_channel):
+    """The same values in C, Fortran and channels-first memory give the
+    same bits. Neighbouring threads take neighbouring channels or
+    neighbouring windows depending on the memory order (channels_inner);
+    the weight gradient's partial sums must still land in the same columns
+    (first seen on an H200: a Fortran-ordered input moved grad_w in the
+    last bits)."""
+    x = array_of("normal", (3, 14, 11, 8), dtype, 13)
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(8, 3) if per_channel else 3)
+    kwargs = dict(kernel_size=3, stride=2, padding=1)
+    g = rng.normal(size=_problem(x, w, **kwargs).out_shape).astype(dtype)
+    # Several partial-sum columns per channel (Q = 5), so that the two
+    # thread orders differ.
+    config = _plan.LaunchConfig(block=3, max_grid=4, grad_w_columns=40,
+                                reduce_group=3)
+    want = runner.run(x, w, g, kwargs, config)
+    channels_first = np.moveaxis(
+        np.ascontiguousarray(np.moveaxis(x, 3, 1)), 1, 3)
+    for other in (np.asfortranarray(x), channels_first):
+        got = runner.run(other, w, g, kwargs, config)
+        for a, b in zip(want, got):
+            np.testing.assert_array_equal(a, b)
+            assert a.tobytes() == b.tobytes()
+
+
 def test_grad_w_partials_reduce_over_several_levels(host_library):
     x = array_of("distinct", (3, 16, 16, 2), np.float64, 11)
     w = np.array([0.2, 0.4])
