@@ -82,6 +82,7 @@ import numpy as np
 from numba import literally, njit, prange
 
 from ._checks import Problem, softmax_table, weight_grad_from_partials
+from ._simd import any_lane, load, select, store, zeros
 
 
 # --------------------------------------------------------------------------
@@ -119,9 +120,10 @@ def _cx(a, b):
     """Compare-exchange for NaN-free values: (higher, lower), ties kept in
     place. ``b if a < b else a`` is one vmaxps and ``a if a < b else b`` one
     vminps, against five instructions for the NaN-aware form; callers
-    replace the result of every window holding a NaN."""
+    replace the result of every window holding a NaN. Scalars or
+    _simd vectors (then the networks below sort whole vectors)."""
     s = a < b
-    return (b if s else a), (a if s else b)
+    return select(s, b, a), select(s, a, b)
 
 
 @njit
@@ -734,20 +736,178 @@ def _bwd_3x3_nhwc(xs, g, tpad, gxs, part, scr, stores, k):
         done = _distinct_weights_3x3(xs, g, tpad, scr, 4)
     else:
         done = False
-    if not done:
-        _rank_rows_3x3(xs, scr)
-        if k == 1:
-            _weights_3x3(scr, g, tpad, 1)
-        elif k == 2:
-            _weights_3x3(scr, g, tpad, 2)
-        elif k == 3:
-            _weights_3x3(scr, g, tpad, 3)
-        elif k == 4:
-            _weights_3x3(scr, g, tpad, 4)
-        else:
-            _weights_3x3(scr, g, tpad, 0)
+    if done:
+        _store_or_add_rows(scr, gxs, stores)
+        _add_partials(g, scr, 9, part, k)
+    else:
+        _ranked_3x3(xs, g, tpad, gxs, part, scr, stores, k)
+
+
+@njit(inline="always")
+def _ranked_3x3(xs, g, tpad, gxs, part, scr, stores, k):
+    """The ranking path of _bwd_3x3_nhwc: ranks and ranked values into
+    the scratch tile, one short loop per position picks its weight, then
+    the rows go into grad_x and the block sums."""
+    _rank_rows_3x3(xs, scr)
+    if k == 1:
+        _weights_3x3(scr, g, tpad, 1)
+    elif k == 2:
+        _weights_3x3(scr, g, tpad, 2)
+    elif k == 3:
+        _weights_3x3(scr, g, tpad, 3)
+    elif k == 4:
+        _weights_3x3(scr, g, tpad, 4)
+    else:
+        _weights_3x3(scr, g, tpad, 0)
     _store_or_add_rows(scr, gxs, stores)
     _add_partials(g, scr, 9, part, k)
+
+
+# The 3x3 backward in explicit vectors (_simd), for channel counts that are
+# a multiple of the vector's lanes (16 float32, 8 float64). One window is
+# straight-line code per block of channels: the nine values in registers,
+# sorted by the network, each position's weight picked by comparing its
+# value with the kept ones (the ranking-free path of _distinct_weights_3x3,
+# for every pool_range), nine stores or adds into grad_x. Indices are flat
+# (load/store), so a window makes no array views: each view costs an
+# atomic reference-count increment and decrement, and in the loop form
+# above those took more time than the window's arithmetic.
+
+@njit(inline="always")
+def _put(gx, i, v, first):
+    """gx.flat[i:i + lanes] = v if first, else += v."""
+    if first:
+        store(gx, i, v)
+    else:
+        store(gx, i, load(gx, i) + v)
+
+
+@njit(inline="always")
+def _weight_of(a, top, tpad, i, channels, zero, kk):
+    """The weight of the position holding a, whose kk largest values
+    (distinct) are rows 0..kk-1 of top: the weight of the one it equals,
+    else 0. Rows are flat (row r at r * channels + i)."""
+    w = select(a == load(top, i), load(tpad, i), zero)
+    for r in range(1, kk):
+        j = r * channels + i
+        w = select(a == load(top, j), load(tpad, j), w)
+    return w
+
+
+@njit(inline="always")
+def _window_3x3_simd(x, gy, tpad, gx, part, top, xo, go, rs, cs, stores,
+                     kk):
+    """One 3x3 window inside the input, all channels, for a literal kk:
+    x.flat[xo] is its first position's first channel, rs and cs the flat
+    steps to the next window row and column, gy.flat[go] its g; stores as
+    for _bwd_3x3_nhwc. Returns False, having written nothing, when some
+    channel holds a NaN or ties among its kk + 1 largest values: the
+    caller then ranks the window. Two passes over the blocks of channels,
+    so that nothing is written before that is known: the first sorts and
+    keeps the kk largest values in top (kk rows of C), the second reads
+    them back with the values (from cache) and writes."""
+    channels = tpad.shape[1]
+    lanes = 64 // x.itemsize
+    bad = False
+    for i in range(0, channels, lanes):
+        o = xo + i
+        a0 = load(x, o)
+        a1 = load(x, o + cs)
+        a2 = load(x, o + 2 * cs)
+        a3 = load(x, o + rs)
+        a4 = load(x, o + rs + cs)
+        a5 = load(x, o + rs + 2 * cs)
+        a6 = load(x, o + 2 * rs)
+        a7 = load(x, o + 2 * rs + cs)
+        a8 = load(x, o + 2 * rs + 2 * cs)
+        v = _sort9_nan_free(a0, a1, a2, a3, a4, a5, a6, a7, a8)
+        m = _any_nan9(a0, a1, a2, a3, a4, a5, a6, a7, a8)
+        for r in range(kk):
+            store(top, r * channels + i, v[r])
+            if r < 8:
+                m = m | (v[r] == v[r + 1])
+        bad |= any_lane(m)
+    if bad:
+        return False
+    zero = zeros(tpad)
+    for i in range(0, channels, lanes):
+        o = xo + i
+        g = load(gy, go + i)
+        # Every weight before the first store: a store to grad_x could
+        # alias top or tpad for all LLVM knows, and their loads would be
+        # repeated for each position.
+        w0 = _weight_of(load(x, o), top, tpad, i, channels, zero, kk)
+        w1 = _weight_of(load(x, o + cs), top, tpad, i, channels, zero, kk)
+        w2 = _weight_of(load(x, o + 2 * cs), top, tpad, i, channels, zero,
+                        kk)
+        w3 = _weight_of(load(x, o + rs), top, tpad, i, channels, zero, kk)
+        w4 = _weight_of(load(x, o + rs + cs), top, tpad, i, channels, zero,
+                        kk)
+        w5 = _weight_of(load(x, o + rs + 2 * cs), top, tpad, i, channels,
+                        zero, kk)
+        w6 = _weight_of(load(x, o + 2 * rs), top, tpad, i, channels, zero,
+                        kk)
+        w7 = _weight_of(load(x, o + 2 * rs + cs), top, tpad, i, channels,
+                        zero, kk)
+        w8 = _weight_of(load(x, o + 2 * rs + 2 * cs), top, tpad, i,
+                        channels, zero, kk)
+        _put(gx, o, g * w0, stores & 1)
+        _put(gx, o + cs, g * w1, (stores >> 1) & 1)
+        _put(gx, o + 2 * cs, g * w2, (stores >> 2) & 1)
+        _put(gx, o + rs, g * w3, (stores >> 3) & 1)
+        _put(gx, o + rs + cs, g * w4, (stores >> 4) & 1)
+        _put(gx, o + rs + 2 * cs, g * w5, (stores >> 5) & 1)
+        _put(gx, o + 2 * rs, g * w6, (stores >> 6) & 1)
+        _put(gx, o + 2 * rs + cs, g * w7, (stores >> 7) & 1)
+        _put(gx, o + 2 * rs + 2 * cs, g * w8, (stores >> 8) & 1)
+        for r in range(kk):
+            j = r * channels + i
+            store(part, j, load(part, j) + g * load(top, j))
+    return True
+
+
+@njit(cache=True)
+def _bwd_row_3x3_simd(args, kk):
+    """The windows [ow_lo, ow_hi) of output row oh, all inside the input,
+    by _window_3x3_simd, and by the ranking path (_ranked_3x3) where it
+    declines; block sums of the weight gradient flushed every _BLOCK
+    windows as in _bwd_rows_nhwc. Returns the windows in the block not yet
+    flushed. Compiled once per literal kk = k (1-9); args: see
+    _simd_row."""
+    literally(kk)
+    (x, gy, tpad, gx, part, acc, top, scr, n, oh, ow_lo, ow_hi, geo, stores,
+     in_block, k) = args
+    (kh, kw, sh, sw, dh, dw, pt, pb, pl, pr, has_pad, pad_value) = geo
+    height = x.shape[1]
+    width = x.shape[2]
+    channels = x.shape[3]
+    rs = dh * width * channels
+    cs = dw * channels
+    h0 = oh * sh - pt
+    h1 = h0 + dh
+    h2 = h1 + dh
+    for ow in range(ow_lo, ow_hi):
+        c0 = ow * sw - pl
+        xo = ((n * height + h0) * width + c0) * channels
+        go = ((n * gy.shape[1] + oh) * gy.shape[2] + ow) * channels
+        if not _window_3x3_simd(x, gy, tpad, gx, part, top, xo, go, rs, cs,
+                                stores, kk):
+            c1 = c0 + dw
+            c2 = c1 + dw
+            _ranked_3x3(
+                (x[n, h0, c0], x[n, h0, c1], x[n, h0, c2],
+                 x[n, h1, c0], x[n, h1, c1], x[n, h1, c2],
+                 x[n, h2, c0], x[n, h2, c1], x[n, h2, c2]),
+                gy[n, oh, ow], tpad,
+                (gx[n, h0, c0], gx[n, h0, c1], gx[n, h0, c2],
+                 gx[n, h1, c0], gx[n, h1, c1], gx[n, h1, c2],
+                 gx[n, h2, c0], gx[n, h2, c1], gx[n, h2, c2]),
+                part, scr, stores, k)
+        in_block += 1
+        if in_block == _BLOCK:
+            _flush_partials(part, acc, k)
+            in_block = 0
+    return in_block
 
 
 # --------------------------------------------------------------------------
@@ -1024,6 +1184,31 @@ def _rows_to_zero(row, row_lo, row_hi, n_rows, out_h, height, sh, pt, ext,
     return n, z0, z1
 
 
+@njit(inline="always")
+def _simd_row(x, gy, tpad, gx, part, acc, top, scr, n, oh, ow_lo, ow_hi, geo,
+              stores, in_block, k):
+    """_bwd_row_3x3_simd with pool_range k as a literal."""
+    a = (x, gy, tpad, gx, part, acc, top, scr, n, oh, ow_lo, ow_hi, geo,
+         stores, in_block, k)
+    if k == 1:
+        return _bwd_row_3x3_simd(a, 1)
+    if k == 2:
+        return _bwd_row_3x3_simd(a, 2)
+    if k == 3:
+        return _bwd_row_3x3_simd(a, 3)
+    if k == 4:
+        return _bwd_row_3x3_simd(a, 4)
+    if k == 5:
+        return _bwd_row_3x3_simd(a, 5)
+    if k == 6:
+        return _bwd_row_3x3_simd(a, 6)
+    if k == 7:
+        return _bwd_row_3x3_simd(a, 7)
+    if k == 8:
+        return _bwd_row_3x3_simd(a, 8)
+    return _bwd_row_3x3_simd(a, 9)
+
+
 @njit(cache=True)
 def _bwd_rows_nhwc(x, gy, tblT, tpad, k, kind, plain, geo, bnd, row_lo,
                    row_hi, zero, odd, gx, acc):
@@ -1073,6 +1258,9 @@ def _bwd_rows_nhwc(x, gy, tblT, tpad, k, kind, plain, geo, bnd, row_lo,
     col_lo = ow_lo * sw - pl + 1
     col_hi = (ow_hi - 1) * sw - pl + 3
     stores = 511 if plain else 0
+    # 3x3 windows in explicit vectors where the channels fill whole ones.
+    simd = kind == 3 and channels % (64 // x.itemsize) == 0
+    kept = np.empty(9 * channels, dtype=x.dtype)
     for row in range(row_lo, row_hi):
         n = row // out_h
         oh = row - n * out_h
@@ -1094,7 +1282,12 @@ def _bwd_rows_nhwc(x, gy, tblT, tpad, k, kind, plain, geo, bnd, row_lo,
                 _zero_rows(gx, zn, z0, z1)
                 stores = 511 if plain else 0
         for ow in range(out_w):
-            if interior_row and ow >= ow_lo and ow < ow_hi:
+            if interior_row and simd and ow >= ow_lo and ow < ow_hi:
+                if ow == ow_lo:
+                    in_block = _simd_row(x, gy, tpad, gx, part, ak, kept, scr,
+                                         n, oh, ow_lo, ow_hi, geo, stores,
+                                         in_block, k)
+            elif interior_row and ow >= ow_lo and ow < ow_hi:
                 c0 = ow * sw - pl
                 h1 = h0 + dh
                 c1 = c0 + dw

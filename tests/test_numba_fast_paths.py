@@ -6,8 +6,9 @@ inside the input, the channel-tile path for every other NHWC window (any
 geometry, padding, pad_value), the NCHW 2x2 forward (register path inside,
 scalar path on the borders), the NCHW 3x3 forward (padded rows, windows that
 keep fewer ranks than pool_range redone one by one), the NCHW 2x2 stride-2
-backward where every window lies inside the input ("2x2"), and NHWC
-kernels on a channels-last copy for the other NCHW geometries and
+backward where every window lies inside the input ("2x2"), the 3x3
+backward in explicit vectors where the channels fill whole vectors, and
+NHWC kernels on a channels-last copy for the other NCHW geometries and
 backwards. Each
 geometry below is chosen to hit some of them; every one is
 compared with the reference on values with NaN, infinities, signed zeros and
@@ -211,6 +212,70 @@ def test_3x3_special_windows_along_columns(padding, layout, dtype):
                                          padding=padding))
         gy = array_of("normal", p.out_shape, dtype, k)
         _compare(x, w, p, gy, f"k={k}")
+
+
+# The 3x3 geometries of GEOMETRIES whose interior windows take the
+# explicit-vector backward when the channels fill whole vectors.
+VECTOR_3X3 = ["3x3 s2 p1", "3x3 s2 p1 pad=0", "3x3 s1 d2", "3x3 s3", "3x3 s2",
+              "3x3 s2 p1 ceil pad=-0.5"]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+@pytest.mark.parametrize("name", VECTOR_3X3)
+def test_3x3_vector_path_matches_reference(name, layout, dtype):
+    """test_paths_match_reference for 32 channels, two whole vectors of
+    either dtype, which the 3x3 backward runs in explicit vectors
+    (engine._window_3x3_simd), falling back to the ranking path for
+    windows with ties or NaN."""
+    geo, (height, width) = GEOMETRIES[name]
+    channels = 32
+    assert channels % (64 // np.dtype(dtype).itemsize) == 0
+    shape = ((2, height, width, channels) if layout == "NHWC"
+             else (2, channels, height, width))
+    seed = 100
+    for values, k, per_channel in itertools.product(
+            VALUES, range(1, 10), (False, True)):
+        seed += 1
+        rng = np.random.default_rng(seed)
+        x = array_of(values, shape, dtype, seed)
+        w = _weights(rng, channels, k, per_channel)
+        for weighting in ("softmax", "raw"):
+            p = _problem(x, w, layout, dict(geo, weighting=weighting))
+            gy = array_of("normal", p.out_shape, dtype, seed + 1)
+            _compare(x, w, p, gy, f"{name} {values} k={k} "
+                     f"per_channel={per_channel} {weighting}")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("special", ["tie", "nan", "signed zeros"])
+def test_3x3_vector_path_declines_whole_windows(special, dtype):
+    """A window whose first vectors of channels are distinct and whose
+    last one holds a tie at the top, a NaN, or -0.0 next to +0.0 at the
+    top must go to the ranking path whole: the vector path may not have
+    written the channels it had already sorted. Positive values and
+    grad_y, so a block written twice moves grad_x far beyond the
+    tolerance."""
+    lanes = 64 // np.dtype(dtype).itemsize
+    channels = 4 * lanes
+    x = array_of("distinct", (1, 9, 9, channels), dtype, 31)
+    x = x - x.min() + dtype(1.0)
+    c = channels - 1  # in the last vector
+    # Window (2, 2) covers rows and columns 3-5 (stride 2, padding 1).
+    top = x[0, 3:6, 3:6, c].max()
+    if special == "tie":
+        x[0, 3, 3, c] = x[0, 5, 5, c] = top + 1
+    elif special == "nan":
+        x[0, 4, 4, c] = np.nan
+    else:
+        x[0, 3:6, 3:6, c] = -1.0
+        x[0, 3, 4, c] = -0.0
+        x[0, 5, 3, c] = 0.0
+    for k in (1, 2, 4, 9):
+        w = np.random.default_rng(k).normal(size=(k,))
+        p = _problem(x, w, "NHWC", dict(kernel_size=3, stride=2, padding=1))
+        gy = np.abs(array_of("normal", p.out_shape, dtype, k)) + 0.5
+        _compare(x, w, p, gy.astype(dtype), f"k={k}")
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

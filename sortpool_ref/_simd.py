@@ -1,0 +1,227 @@
+"""Explicit SIMD vectors for the Numba engine.
+
+A ``Vec`` is a vector of 64 bytes of a float dtype (16 float32 or 8 float64
+lanes: one AVX-512 register; LLVM splits it into two or four registers on
+machines with narrower vectors) and a ``Mask`` the result of comparing two
+of them, one bit per lane. In ``@njit`` code they are made by ``load`` and
+used with the operators ``<``, ``>=``, ``==``, ``!=``, ``+``, ``*``
+(vectors) and ``|`` (masks), and with ``select``, ``any_lane``, ``store``;
+``zeros`` and ``full`` make constant vectors.
+
+Why not loops that LLVM vectorises, as elsewhere in the engine: a 3x3
+window reads nine rows and writes nine, and LLVM gives up on proving that
+many rows apart (see docs/performance.md). Written with these vectors, a
+window's work over one block of channels is straight-line code in
+registers, in the order written: no overlap checks, no scratch rows.
+Every operation is one LLVM instruction with IEEE semantics (no fast-math
+flags): ``a < b`` is an ordered comparison, false when either is NaN, and
+``a != b`` an unordered one, true when either is NaN, as for Python
+floats (``>=`` and ``==`` are ordered too).
+
+``load`` and ``store`` index the flat data of a C-contiguous array, so
+that the caller needs no array view per window (each view costs an
+atomic reference-count increment and decrement).
+"""
+
+from __future__ import annotations
+
+import operator
+
+from llvmlite import ir
+from numba.core import types
+from numba.extending import intrinsic, models, overload, register_model
+
+VECTOR_BYTES = 64
+
+
+class Vec(types.Type):
+    """VECTOR_BYTES of one float dtype."""
+
+    def __init__(self, dtype):
+        self.dtype = dtype
+        self.lanes = VECTOR_BYTES * 8 // dtype.bitwidth
+        super().__init__(name=f"Vec({dtype} x {self.lanes})")
+
+
+class Mask(types.Type):
+    """One bit per lane of a Vec."""
+
+    def __init__(self, lanes):
+        self.lanes = lanes
+        super().__init__(name=f"Mask({lanes})")
+
+
+@register_model(Vec)
+class _VecModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        lane = dmm.lookup(fe_type.dtype).get_value_type()
+        super().__init__(dmm, fe_type, ir.VectorType(lane, fe_type.lanes))
+
+
+@register_model(Mask)
+class _MaskModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type,
+                         ir.VectorType(ir.IntType(1), fe_type.lanes))
+
+
+def _c_float_array(arr):
+    return (isinstance(arr, types.Array) and arr.layout == "C"
+            and isinstance(arr.dtype, types.Float))
+
+
+def _lane_pointer(context, builder, sig, args):
+    """Pointer to element args[1] of the flat data of array args[0], as a
+    pointer to a vector."""
+    a = context.make_array(sig.args[0])(context, builder, args[0])
+    ptr = builder.gep(a.data, [args[1]], inbounds=True)
+    vec = ir.VectorType(context.get_value_type(sig.args[0].dtype),
+                        Vec(sig.args[0].dtype).lanes)
+    return builder.bitcast(ptr, vec.as_pointer())
+
+
+@intrinsic
+def load(typingctx, arr, i):
+    """arr.flat[i:i + lanes] (arr C-contiguous; i + lanes <= arr.size is
+    the caller's to ensure: nothing is checked)."""
+    if not (_c_float_array(arr) and isinstance(i, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.load(_lane_pointer(context, builder, sig, args),
+                            align=1)
+    return Vec(arr.dtype)(arr, i), codegen
+
+
+@intrinsic
+def store(typingctx, arr, i, v):
+    """arr.flat[i:i + lanes] = v."""
+    if not (_c_float_array(arr) and isinstance(i, types.Integer)
+            and isinstance(v, Vec) and v.dtype == arr.dtype):
+        return None
+
+    def codegen(context, builder, sig, args):
+        builder.store(args[2], _lane_pointer(context, builder, sig, args),
+                      align=1)
+        return context.get_dummy_value()
+    return types.none(arr, i, v), codegen
+
+
+@intrinsic
+def zeros(typingctx, arr):
+    """A vector of +0.0 of the dtype of arr."""
+    if not _c_float_array(arr):
+        return None
+    vt = Vec(arr.dtype)
+
+    def codegen(context, builder, sig, args):
+        return ir.Constant(context.get_value_type(vt), None)
+    return vt(arr), codegen
+
+
+@intrinsic
+def full(typingctx, arr, value):
+    """A vector of the dtype of arr with every lane value (converted)."""
+    if not (_c_float_array(arr) and isinstance(value, types.Number)):
+        return None
+    vt = Vec(arr.dtype)
+
+    def codegen(context, builder, sig, args):
+        lane = context.cast(builder, args[1], sig.args[1], sig.args[0].dtype)
+        vec = context.get_value_type(vt)
+        v = builder.insert_element(ir.Constant(vec, ir.Undefined), lane,
+                                   ir.Constant(ir.IntType(32), 0))
+        return builder.shuffle_vector(
+            v, ir.Constant(vec, ir.Undefined),
+            ir.Constant(ir.VectorType(ir.IntType(32), vt.lanes), None))
+    return vt(arr, value), codegen
+
+
+@intrinsic
+def any_lane(typingctx, m):
+    """Whether any lane of the mask is set."""
+    if not isinstance(m, Mask):
+        return None
+
+    def codegen(context, builder, sig, args):
+        bits = ir.IntType(sig.args[0].lanes)
+        return builder.icmp_unsigned(
+            "!=", builder.bitcast(args[0], bits), ir.Constant(bits, 0))
+    return types.boolean(m), codegen
+
+
+@intrinsic
+def _select(typingctx, m, a, b):
+    if not (isinstance(m, Mask) and isinstance(a, Vec) and a == b):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.select(args[0], args[1], args[2])
+    return a(m, a, b), codegen
+
+
+def select(s, a, b):
+    """``a if s else b``, lane by lane when s is a Mask."""
+    return a if s else b
+
+
+@overload(select)
+def _select_overload(s, a, b):
+    if isinstance(s, Mask):
+        return lambda s, a, b: _select(s, a, b)
+    return lambda s, a, b: a if s else b
+
+
+def _compare(op, ordered):
+    @intrinsic
+    def compare(typingctx, a, b):
+        if not (isinstance(a, Vec) and a == b):
+            return None
+
+        def codegen(context, builder, sig, args):
+            if ordered:
+                return builder.fcmp_ordered(op, args[0], args[1])
+            return builder.fcmp_unordered(op, args[0], args[1])
+        return Mask(a.lanes)(a, b), codegen
+    return compare
+
+
+def _arithmetic(name):
+    @intrinsic
+    def arithmetic(typingctx, a, b):
+        if not (isinstance(a, Vec) and a == b):
+            return None
+
+        def codegen(context, builder, sig, args):
+            return getattr(builder, name)(args[0], args[1])
+        return a(a, b), codegen
+    return arithmetic
+
+
+@intrinsic
+def _mask_or(typingctx, a, b):
+    if not (isinstance(a, Mask) and a == b):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.or_(args[0], args[1])
+    return a(a, b), codegen
+
+
+def _register(op, intr, cls):
+    @overload(op)
+    def _operator(a, b):
+        if isinstance(a, cls) and a == b:
+            return lambda a, b: intr(a, b)
+
+
+# Python's float comparisons: <, >=, == ordered (false with NaN), !=
+# unordered (true with NaN).
+_register(operator.lt, _compare("<", True), Vec)
+_register(operator.ge, _compare(">=", True), Vec)
+_register(operator.eq, _compare("==", True), Vec)
+_register(operator.ne, _compare("!=", False), Vec)
+_register(operator.add, _arithmetic("fadd"), Vec)
+_register(operator.mul, _arithmetic("fmul"), Vec)
+_register(operator.or_, _mask_or, Mask)
+_register(operator.ior, _mask_or, Mask)

@@ -1,0 +1,78 @@
+"""The explicit vectors of the Numba engine (sortpool_ref/_simd.py) against
+NumPy, lane by lane, with NaN, infinities and signed zeros: each operation
+must be the IEEE operation Python floats do, since the kernels' NaN and
+tie rules rest on them."""
+
+import numpy as np
+import pytest
+from numba import njit
+
+from sortpool_ref._simd import (VECTOR_BYTES, any_lane, full, load, select,
+                                store, zeros)
+
+POOL = np.array([np.nan, np.inf, -np.inf, 1.0, -1.0, 0.0, -0.0, 2.5, 1e-30])
+
+
+@njit
+def _lanes_ops(a, b, i, out):
+    """out rows: a + b, a * b, select(a < b), select(a == b),
+    select(a != b), select(a < b | a == b, a, b), zeros, select(a >= b),
+    full(-2.5); returns any_lane of a < b and of a != a, for the vectors
+    at flat index i."""
+    va = load(a, i)
+    vb = load(b, i)
+    zero = zeros(a)
+    lanes = 64 // a.itemsize
+    store(out, 0 * lanes, va + vb)
+    store(out, 1 * lanes, va * vb)
+    store(out, 2 * lanes, select(va < vb, va, zero))
+    store(out, 3 * lanes, select(va == vb, va, zero))
+    store(out, 4 * lanes, select(va != vb, va, zero))
+    m = va < vb
+    m |= va == vb
+    store(out, 5 * lanes, select(m, va, vb))
+    store(out, 6 * lanes, zero)
+    store(out, 7 * lanes, select(va >= vb, va, zero))
+    store(out, 8 * lanes, full(a, -2.5))
+    return any_lane(va < vb), any_lane(va != va)
+
+
+@njit
+def _scalar_select(s, a, b):
+    return select(s, a, b)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_vector_operations_are_the_ieee_ones(dtype):
+    lanes = VECTOR_BYTES // np.dtype(dtype).itemsize
+    rng = np.random.default_rng(0)
+    for trial in range(50):
+        # Offsets 0..3: loads and stores need no alignment.
+        i = trial % 4
+        a = POOL[rng.integers(0, len(POOL), size=lanes + 4)].astype(dtype)
+        b = POOL[rng.integers(0, len(POOL), size=lanes + 4)].astype(dtype)
+        if trial % 5 == 0:
+            b = a.copy()  # every lane a tie (NaN == NaN stays false)
+        out = np.full(9 * lanes, 7.0, dtype)
+        lt_any, nan_any = _lanes_ops(a, b, i, out)
+        va, vb = a[i:i + lanes], b[i:i + lanes]
+        rows = out.reshape(9, lanes)
+        zero = np.zeros(lanes, dtype)
+        with np.errstate(invalid="ignore", over="ignore"):
+            want = [va + vb, va * vb, np.where(va < vb, va, zero),
+                    np.where(va == vb, va, zero),
+                    np.where(va != vb, va, zero),
+                    np.where((va < vb) | (va == vb), va, vb), zero,
+                    np.where(va >= vb, va, zero),
+                    np.full(lanes, -2.5, dtype)]
+        for got, exp in zip(rows, want):
+            # Bit for bit: signed zeros and NaN included.
+            np.testing.assert_array_equal(got.view(f"u{a.itemsize}"),
+                                          exp.view(f"u{a.itemsize}"))
+        assert lt_any == bool(np.any(va < vb))
+        assert nan_any == bool(np.any(np.isnan(va)))
+
+
+def test_select_of_scalars_is_the_conditional_expression():
+    assert _scalar_select(True, 1.0, 2.0) == 1.0
+    assert _scalar_select(False, 1.0, 2.0) == 2.0
