@@ -18,6 +18,12 @@ Kernels and where they run (docs/performance.md has the measurements):
   network (5 or 25 comparators) and writes NaN where a window holds one;
   the backward ranks each position by its pairwise comparisons (stable by
   construction) and picks its weight from a zero-padded table.
+* explicit vectors (sortpool_ref/_simd.py), NHWC backward: the same
+  windows when the channels fill whole 64-byte vectors (a multiple of 16
+  float32 or 8 float64), one window per block of channels in registers,
+  indexed flat into whole arrays. Bit-identical to the loop forms; the
+  point is that no array view is made per window (each view costs an
+  atomic reference-count increment and decrement).
 * NCHW forward, 2x2 and 3x3: one (sample, channel) plane per task,
   innermost loop over the output columns. The 2x2 kernel reads the
   windows inside the input with a literal stride; the 3x3 kernel copies
@@ -82,7 +88,7 @@ import numpy as np
 from numba import literally, njit, prange
 
 from ._checks import Problem, softmax_table, weight_grad_from_partials
-from ._simd import any_lane, load, select, store, zeros
+from ._simd import any_lane, full, load, select, store, zeros
 
 
 # --------------------------------------------------------------------------
@@ -783,99 +789,201 @@ def _put(gx, i, v, first):
 
 
 @njit(inline="always")
-def _weight_of(a, top, tpad, i, channels, zero, kk):
-    """The weight of the position holding a, whose kk largest values
-    (distinct) are rows 0..kk-1 of top: the weight of the one it equals,
-    else 0. Rows are flat (row r at r * channels + i)."""
-    w = select(a == load(top, i), load(tpad, i), zero)
-    for r in range(1, kk):
-        j = r * channels + i
-        w = select(a == load(top, j), load(tpad, j), w)
-    return w
-
-
-@njit(inline="always")
-def _window_3x3_simd(x, gy, tpad, gx, part, top, xo, go, rs, cs, stores,
-                     kk):
-    """One 3x3 window inside the input, all channels, for a literal kk:
-    x.flat[xo] is its first position's first channel, rs and cs the flat
-    steps to the next window row and column, gy.flat[go] its g; stores as
-    for _bwd_3x3_nhwc. Returns False, having written nothing, when some
-    channel holds a NaN or ties among its kk + 1 largest values: the
-    caller then ranks the window. Two passes over the blocks of channels,
-    so that nothing is written before that is known: the first sorts and
-    keeps the kk largest values in top (kk rows of C), the second reads
-    them back with the values (from cache) and writes."""
+def _window_2x2_simd(x, gy, tpad, gx, part, xo, go, rs, cs, overwrite):
+    """_bwd_2x2_nhwc in explicit vectors (_simd): one window inside the
+    input, all channels, flat indices as for _window_3x3_simd. Ranks from
+    the 6 pairwise comparisons (NaN-aware, earlier position first on
+    ties), each position's weight from the zero-padded table by a chain of
+    selects, and the ranked values for the block sums (all four ranks, as
+    in _bwd_2x2_nhwc) by picking the position of each rank: the same
+    numbers as the loop form, bit for bit."""
     channels = tpad.shape[1]
     lanes = 64 // x.itemsize
-    bad = False
+    zero = zeros(tpad)
+    one = full(tpad, 1.0)
+    two = full(tpad, 2.0)
+    three = full(tpad, 3.0)
     for i in range(0, channels, lanes):
         o = xo + i
         a0 = load(x, o)
         a1 = load(x, o + cs)
-        a2 = load(x, o + 2 * cs)
-        a3 = load(x, o + rs)
-        a4 = load(x, o + rs + cs)
-        a5 = load(x, o + rs + 2 * cs)
-        a6 = load(x, o + 2 * rs)
-        a7 = load(x, o + 2 * rs + cs)
-        a8 = load(x, o + 2 * rs + 2 * cs)
-        v = _sort9_nan_free(a0, a1, a2, a3, a4, a5, a6, a7, a8)
-        m = _any_nan9(a0, a1, a2, a3, a4, a5, a6, a7, a8)
-        for r in range(kk):
-            store(top, r * channels + i, v[r])
-            if r < 8:
-                m = m | (v[r] == v[r + 1])
-        bad |= any_lane(m)
-    if bad:
-        return False
+        a2 = load(x, o + rs)
+        a3 = load(x, o + rs + cs)
+        n0 = a0 != a0
+        n1 = a1 != a1
+        n2 = a2 != a2
+        # bST: position S (earlier) ranks above position T (later).
+        b01 = n0 | (a0 >= a1)
+        b02 = n0 | (a0 >= a2)
+        b03 = n0 | (a0 >= a3)
+        b12 = n1 | (a1 >= a2)
+        b13 = n1 | (a1 >= a3)
+        b23 = n2 | (a2 >= a3)
+        r0 = (select(b01, zero, one) + select(b02, zero, one)
+              + select(b03, zero, one))
+        r1 = (select(b01, one, zero) + select(b12, zero, one)
+              + select(b13, zero, one))
+        r2 = (select(b02, one, zero) + select(b12, one, zero)
+              + select(b23, zero, one))
+        r3 = (select(b03, one, zero) + select(b13, one, zero)
+              + select(b23, one, zero))
+        g = load(gy, go + i)
+        q0 = load(tpad, i)
+        q1 = load(tpad, channels + i)
+        q2 = load(tpad, 2 * channels + i)
+        q3 = load(tpad, 3 * channels + i)
+        w0 = select(r0 == zero, q0, select(r0 == one, q1,
+                                           select(r0 == two, q2, q3)))
+        w1 = select(r1 == zero, q0, select(r1 == one, q1,
+                                           select(r1 == two, q2, q3)))
+        w2 = select(r2 == zero, q0, select(r2 == one, q1,
+                                           select(r2 == two, q2, q3)))
+        w3 = select(r3 == zero, q0, select(r3 == one, q1,
+                                           select(r3 == two, q2, q3)))
+        _put(gx, o, g * w0, overwrite)
+        _put(gx, o + cs, g * w1, overwrite)
+        _put(gx, o + rs, g * w2, overwrite)
+        _put(gx, o + rs + cs, g * w3, overwrite)
+        v0 = select(r0 == zero, a0, select(r1 == zero, a1,
+                                           select(r2 == zero, a2, a3)))
+        v1 = select(r0 == one, a0, select(r1 == one, a1,
+                                          select(r2 == one, a2, a3)))
+        v2 = select(r0 == two, a0, select(r1 == two, a1,
+                                          select(r2 == two, a2, a3)))
+        v3 = select(r0 == three, a0, select(r1 == three, a1,
+                                            select(r2 == three, a2, a3)))
+        store(part, i, load(part, i) + g * v0)
+        store(part, channels + i, load(part, channels + i) + g * v1)
+        store(part, 2 * channels + i, load(part, 2 * channels + i) + g * v2)
+        store(part, 3 * channels + i, load(part, 3 * channels + i) + g * v3)
+
+
+@njit(inline="always")
+def _weight_by_value(a, v, tpad, i, channels, zero, kk):
+    """The weight of the position holding a, given the kk largest values
+    v[0..kk-1] of its window, all distinct: the weight of the one it
+    equals, else 0."""
+    w = select(a == v[0], load(tpad, i), zero)
+    for r in range(1, kk):
+        w = select(a == v[r], load(tpad, r * channels + i), w)
+    return w
+
+
+@njit(inline="always")
+def _rank_simd(a, q, zero, one):
+    """The stable rank of position q among the 9 vectors of a (NaN on top,
+    ties to the earlier position), as _ranks9. Positions s < t are
+    compared by the same expression for both, so each of the 36
+    comparisons is computed once."""
+    r = zero
+    for t in range(9):
+        if t < q:
+            r = r + select((a[t] != a[t]) | (a[t] >= a[q]), one, zero)
+        elif t > q:
+            r = r + select((a[q] != a[q]) | (a[q] >= a[t]), zero, one)
+    return r
+
+
+@njit(inline="always")
+def _weight_by_rank(rank, tpad, i, channels, zero, kk):
+    """The weight of rank (a vector of ranks) from the table, 0 from kk
+    on."""
+    w = select(rank == zero, load(tpad, i), zero)
+    for r in range(1, kk):
+        w = select(rank == full(tpad, r), load(tpad, r * channels + i), w)
+    return w
+
+
+@njit(inline="always")
+def _value_of_rank(a, rank, r, tpad):
+    """The value of the position whose rank is r (exactly one is)."""
+    f = full(tpad, r)
+    v = a[8]
+    for q in range(7, -1, -1):
+        v = select(rank[q] == f, a[q], v)
+    return v
+
+
+@njit(inline="always")
+def _window_3x3_simd(x, gy, tpad, gx, part, xo, go, rs, cs, stores, kk):
+    """One 3x3 window inside the input, all channels, for a literal kk:
+    x.flat[xo] is its first position's first channel, rs and cs the flat
+    steps to the next window row and column, gy.flat[go] its g; stores as
+    for _bwd_3x3_nhwc. Per block of channels: sort the nine vectors with
+    the NaN-free network; where no lane holds a NaN or ties among its
+    kk + 1 largest values, each position's weight is that of the kept
+    value it equals (the ranking-free path of _distinct_weights_3x3);
+    otherwise ranks from the pairwise comparisons (_ranked_3x3's). Then
+    nine stores or adds into grad_x and the block sums. Every weight is
+    computed before the first store: a store to grad_x could alias tpad
+    for all LLVM knows, which would repeat its loads for each position."""
+    channels = tpad.shape[1]
+    lanes = 64 // x.itemsize
     zero = zeros(tpad)
     for i in range(0, channels, lanes):
         o = xo + i
+        a = (load(x, o), load(x, o + cs), load(x, o + 2 * cs),
+             load(x, o + rs), load(x, o + rs + cs), load(x, o + rs + 2 * cs),
+             load(x, o + 2 * rs), load(x, o + 2 * rs + cs),
+             load(x, o + 2 * rs + 2 * cs))
+        v = _sort9_nan_free(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7],
+                            a[8])
+        m = _any_nan9(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8])
+        for r in range(min(kk, 8)):
+            m = m | (v[r] == v[r + 1])
+        if any_lane(m):
+            one = full(tpad, 1.0)
+            rank = (_rank_simd(a, 0, zero, one), _rank_simd(a, 1, zero, one),
+                    _rank_simd(a, 2, zero, one), _rank_simd(a, 3, zero, one),
+                    _rank_simd(a, 4, zero, one), _rank_simd(a, 5, zero, one),
+                    _rank_simd(a, 6, zero, one), _rank_simd(a, 7, zero, one),
+                    _rank_simd(a, 8, zero, one))
+            w = (_weight_by_rank(rank[0], tpad, i, channels, zero, kk),
+                 _weight_by_rank(rank[1], tpad, i, channels, zero, kk),
+                 _weight_by_rank(rank[2], tpad, i, channels, zero, kk),
+                 _weight_by_rank(rank[3], tpad, i, channels, zero, kk),
+                 _weight_by_rank(rank[4], tpad, i, channels, zero, kk),
+                 _weight_by_rank(rank[5], tpad, i, channels, zero, kk),
+                 _weight_by_rank(rank[6], tpad, i, channels, zero, kk),
+                 _weight_by_rank(rank[7], tpad, i, channels, zero, kk),
+                 _weight_by_rank(rank[8], tpad, i, channels, zero, kk))
+            v = (_value_of_rank(a, rank, 0, tpad),
+                 _value_of_rank(a, rank, 1, tpad),
+                 _value_of_rank(a, rank, 2, tpad),
+                 _value_of_rank(a, rank, 3, tpad),
+                 _value_of_rank(a, rank, 4, tpad),
+                 _value_of_rank(a, rank, 5, tpad),
+                 _value_of_rank(a, rank, 6, tpad),
+                 _value_of_rank(a, rank, 7, tpad),
+                 _value_of_rank(a, rank, 8, tpad))
+        else:
+            w = (_weight_by_value(a[0], v, tpad, i, channels, zero, kk),
+                 _weight_by_value(a[1], v, tpad, i, channels, zero, kk),
+                 _weight_by_value(a[2], v, tpad, i, channels, zero, kk),
+                 _weight_by_value(a[3], v, tpad, i, channels, zero, kk),
+                 _weight_by_value(a[4], v, tpad, i, channels, zero, kk),
+                 _weight_by_value(a[5], v, tpad, i, channels, zero, kk),
+                 _weight_by_value(a[6], v, tpad, i, channels, zero, kk),
+                 _weight_by_value(a[7], v, tpad, i, channels, zero, kk),
+                 _weight_by_value(a[8], v, tpad, i, channels, zero, kk))
         g = load(gy, go + i)
-        # Every weight before the first store: a store to grad_x could
-        # alias top or tpad for all LLVM knows, and their loads would be
-        # repeated for each position.
-        w0 = _weight_of(load(x, o), top, tpad, i, channels, zero, kk)
-        w1 = _weight_of(load(x, o + cs), top, tpad, i, channels, zero, kk)
-        w2 = _weight_of(load(x, o + 2 * cs), top, tpad, i, channels, zero,
-                        kk)
-        w3 = _weight_of(load(x, o + rs), top, tpad, i, channels, zero, kk)
-        w4 = _weight_of(load(x, o + rs + cs), top, tpad, i, channels, zero,
-                        kk)
-        w5 = _weight_of(load(x, o + rs + 2 * cs), top, tpad, i, channels,
-                        zero, kk)
-        w6 = _weight_of(load(x, o + 2 * rs), top, tpad, i, channels, zero,
-                        kk)
-        w7 = _weight_of(load(x, o + 2 * rs + cs), top, tpad, i, channels,
-                        zero, kk)
-        w8 = _weight_of(load(x, o + 2 * rs + 2 * cs), top, tpad, i,
-                        channels, zero, kk)
-        _put(gx, o, g * w0, stores & 1)
-        _put(gx, o + cs, g * w1, (stores >> 1) & 1)
-        _put(gx, o + 2 * cs, g * w2, (stores >> 2) & 1)
-        _put(gx, o + rs, g * w3, (stores >> 3) & 1)
-        _put(gx, o + rs + cs, g * w4, (stores >> 4) & 1)
-        _put(gx, o + rs + 2 * cs, g * w5, (stores >> 5) & 1)
-        _put(gx, o + 2 * rs, g * w6, (stores >> 6) & 1)
-        _put(gx, o + 2 * rs + cs, g * w7, (stores >> 7) & 1)
-        _put(gx, o + 2 * rs + 2 * cs, g * w8, (stores >> 8) & 1)
+        for q in range(9):
+            _put(gx, o + (q // 3) * rs + (q % 3) * cs, g * w[q],
+                 (stores >> q) & 1)
         for r in range(kk):
             j = r * channels + i
-            store(part, j, load(part, j) + g * load(top, j))
-    return True
+            store(part, j, load(part, j) + g * v[r])
 
 
 @njit(cache=True)
 def _bwd_row_3x3_simd(args, kk):
     """The windows [ow_lo, ow_hi) of output row oh, all inside the input,
-    by _window_3x3_simd, and by the ranking path (_ranked_3x3) where it
-    declines; block sums of the weight gradient flushed every _BLOCK
-    windows as in _bwd_rows_nhwc. Returns the windows in the block not yet
-    flushed. Compiled once per literal kk = k (1-9); args: see
+    by _window_3x3_simd; block sums of the weight gradient flushed every
+    _BLOCK windows as in _bwd_rows_nhwc. Returns the windows in the block
+    not yet flushed. Compiled once per literal kk = k (1-9); args: see
     _simd_row."""
     literally(kk)
-    (x, gy, tpad, gx, part, acc, top, scr, n, oh, ow_lo, ow_hi, geo, stores,
+    (x, gy, tpad, gx, part, acc, n, oh, ow_lo, ow_hi, geo, stores,
      in_block, k) = args
     (kh, kw, sh, sw, dh, dw, pt, pb, pl, pr, has_pad, pad_value) = geo
     height = x.shape[1]
@@ -884,25 +992,11 @@ def _bwd_row_3x3_simd(args, kk):
     rs = dh * width * channels
     cs = dw * channels
     h0 = oh * sh - pt
-    h1 = h0 + dh
-    h2 = h1 + dh
     for ow in range(ow_lo, ow_hi):
         c0 = ow * sw - pl
         xo = ((n * height + h0) * width + c0) * channels
         go = ((n * gy.shape[1] + oh) * gy.shape[2] + ow) * channels
-        if not _window_3x3_simd(x, gy, tpad, gx, part, top, xo, go, rs, cs,
-                                stores, kk):
-            c1 = c0 + dw
-            c2 = c1 + dw
-            _ranked_3x3(
-                (x[n, h0, c0], x[n, h0, c1], x[n, h0, c2],
-                 x[n, h1, c0], x[n, h1, c1], x[n, h1, c2],
-                 x[n, h2, c0], x[n, h2, c1], x[n, h2, c2]),
-                gy[n, oh, ow], tpad,
-                (gx[n, h0, c0], gx[n, h0, c1], gx[n, h0, c2],
-                 gx[n, h1, c0], gx[n, h1, c1], gx[n, h1, c2],
-                 gx[n, h2, c0], gx[n, h2, c1], gx[n, h2, c2]),
-                part, scr, stores, k)
+        _window_3x3_simd(x, gy, tpad, gx, part, xo, go, rs, cs, stores, kk)
         in_block += 1
         if in_block == _BLOCK:
             _flush_partials(part, acc, k)
@@ -1185,11 +1279,11 @@ def _rows_to_zero(row, row_lo, row_hi, n_rows, out_h, height, sh, pt, ext,
 
 
 @njit(inline="always")
-def _simd_row(x, gy, tpad, gx, part, acc, top, scr, n, oh, ow_lo, ow_hi, geo,
-              stores, in_block, k):
+def _simd_row(x, gy, tpad, gx, part, acc, n, oh, ow_lo, ow_hi, geo, stores,
+              in_block, k):
     """_bwd_row_3x3_simd with pool_range k as a literal."""
-    a = (x, gy, tpad, gx, part, acc, top, scr, n, oh, ow_lo, ow_hi, geo,
-         stores, in_block, k)
+    a = (x, gy, tpad, gx, part, acc, n, oh, ow_lo, ow_hi, geo, stores,
+         in_block, k)
     if k == 1:
         return _bwd_row_3x3_simd(a, 1)
     if k == 2:
@@ -1258,9 +1352,11 @@ def _bwd_rows_nhwc(x, gy, tblT, tpad, k, kind, plain, geo, bnd, row_lo,
     col_lo = ow_lo * sw - pl + 1
     col_hi = (ow_hi - 1) * sw - pl + 3
     stores = 511 if plain else 0
-    # 3x3 windows in explicit vectors where the channels fill whole ones.
-    simd = kind == 3 and channels % (64 // x.itemsize) == 0
-    kept = np.empty(9 * channels, dtype=x.dtype)
+    # Register-path windows in explicit vectors where the channels fill
+    # whole ones.
+    simd = kind > 0 and channels % (64 // x.itemsize) == 0
+    rs = dh * x.shape[2] * channels
+    cs = dw * channels
     for row in range(row_lo, row_hi):
         n = row // out_h
         oh = row - n * out_h
@@ -1282,16 +1378,22 @@ def _bwd_rows_nhwc(x, gy, tblT, tpad, k, kind, plain, geo, bnd, row_lo,
                 _zero_rows(gx, zn, z0, z1)
                 stores = 511 if plain else 0
         for ow in range(out_w):
-            if interior_row and simd and ow >= ow_lo and ow < ow_hi:
+            if interior_row and simd and kind == 3 and ow >= ow_lo and ow < ow_hi:
                 if ow == ow_lo:
-                    in_block = _simd_row(x, gy, tpad, gx, part, ak, kept, scr,
-                                         n, oh, ow_lo, ow_hi, geo, stores,
-                                         in_block, k)
+                    in_block = _simd_row(x, gy, tpad, gx, part, ak, n, oh,
+                                         ow_lo, ow_hi, geo, stores, in_block,
+                                         k)
             elif interior_row and ow >= ow_lo and ow < ow_hi:
                 c0 = ow * sw - pl
                 h1 = h0 + dh
                 c1 = c0 + dw
-                if kind == 2:
+                if kind == 2 and simd:
+                    _window_2x2_simd(
+                        x, gy, tpad, gx, part,
+                        ((n * x.shape[1] + h0) * x.shape[2] + c0) * channels,
+                        ((n * out_h + oh) * out_w + ow) * channels, rs, cs,
+                        plain)
+                elif kind == 2:
                     _bwd_2x2_nhwc(x[n, h0, c0], x[n, h0, c1], x[n, h1, c0],
                                   x[n, h1, c1], gy[n, oh, ow], tpad,
                                   (gx[n, h0, c0], gx[n, h0, c1],

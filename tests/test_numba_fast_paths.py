@@ -214,28 +214,29 @@ def test_3x3_special_windows_along_columns(padding, layout, dtype):
         _compare(x, w, p, gy, f"k={k}")
 
 
-# The 3x3 geometries of GEOMETRIES whose interior windows take the
+# The geometries of GEOMETRIES whose interior windows take the
 # explicit-vector backward when the channels fill whole vectors.
-VECTOR_3X3 = ["3x3 s2 p1", "3x3 s2 p1 pad=0", "3x3 s1 d2", "3x3 s3", "3x3 s2",
-              "3x3 s2 p1 ceil pad=-0.5"]
+VECTOR_PATHS = ["2x2", "2x2 p1", "2x2 s1", "2x2 s1 d2 ceil", "3x3 s2 p1",
+                "3x3 s2 p1 pad=0", "3x3 s1 d2", "3x3 s3", "3x3 s2",
+                "3x3 s2 p1 ceil pad=-0.5"]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
-@pytest.mark.parametrize("name", VECTOR_3X3)
-def test_3x3_vector_path_matches_reference(name, layout, dtype):
-    """test_paths_match_reference for 32 channels, two whole vectors of
-    either dtype, which the 3x3 backward runs in explicit vectors
-    (engine._window_3x3_simd), falling back to the ranking path for
-    windows with ties or NaN."""
+@pytest.mark.parametrize("name", VECTOR_PATHS)
+def test_vector_paths_match_reference(name, layout, dtype):
+    """test_paths_match_reference for 32 channels, whole vectors of either
+    dtype, which the 3x3 and 2x2 backwards run in explicit vectors
+    (engine._window_3x3_simd, engine._window_2x2_simd)."""
     geo, (height, width) = GEOMETRIES[name]
     channels = 32
     assert channels % (64 // np.dtype(dtype).itemsize) == 0
     shape = ((2, height, width, channels) if layout == "NHWC"
              else (2, channels, height, width))
+    window = np.prod(np.broadcast_to(geo["kernel_size"], 2))
     seed = 100
     for values, k, per_channel in itertools.product(
-            VALUES, range(1, 10), (False, True)):
+            VALUES, range(1, window + 1), (False, True)):
         seed += 1
         rng = np.random.default_rng(seed)
         x = array_of(values, shape, dtype, seed)
@@ -249,13 +250,14 @@ def test_3x3_vector_path_matches_reference(name, layout, dtype):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("special", ["tie", "nan", "signed zeros"])
-def test_3x3_vector_path_declines_whole_windows(special, dtype):
-    """A window whose first vectors of channels are distinct and whose
-    last one holds a tie at the top, a NaN, or -0.0 next to +0.0 at the
-    top must go to the ranking path whole: the vector path may not have
-    written the channels it had already sorted. Positive values and
-    grad_y, so a block written twice moves grad_x far beyond the
-    tolerance."""
+def test_3x3_vector_path_mixed_blocks(special, dtype):
+    """One window whose first vectors of channels are distinct (kept
+    values found by comparing values) and whose last one holds a tie at
+    the top, a NaN, or -0.0 next to +0.0 at the top (ranks from the
+    pairwise comparisons): each block takes its own path, and the
+    window's grad_x and grad_w are the reference's. Positive values and
+    grad_y, so a block written twice or weighted by the wrong path moves
+    grad_x far beyond the tolerance."""
     lanes = 64 // np.dtype(dtype).itemsize
     channels = 4 * lanes
     x = array_of("distinct", (1, 9, 9, channels), dtype, 31)
