@@ -18,7 +18,7 @@ Kernels and where they run (docs/performance.md has the measurements):
   network (5 or 25 comparators) and writes NaN where a window holds one;
   the backward ranks each position by its pairwise comparisons (stable by
   construction) and picks its weight from a zero-padded table.
-* explicit vectors (sortpool_ref/_simd.py), NHWC backward: the same
+* explicit vectors (sortpool_ref/_simd.py), NHWC forward and backward: the same
   windows when the channels fill whole 64-byte vectors (a multiple of 16
   float32 or 8 float64), one window per block of channels in registers,
   indexed flat into whole arrays. Bit-identical to the loop forms; the
@@ -424,6 +424,57 @@ def _fwd_3x3_nhwc(r0, r1, r2, c0, dw, tb, y, kk):
         acc = _weighted(v0, v1, v2, v3, v4, v5, v6, v7, v8, tb, c, kk)
         bad = _any_nan9(a0, a1, a2, a3, a4, a5, a6, a7, a8)
         y[c] = nan if bad else acc
+
+
+# The NHWC register-path forwards in explicit vectors (_simd), for
+# channel counts that fill whole vectors: flat indices as for
+# _window_3x3_simd, the same network, products and sums as the loop forms,
+# bit for bit.
+
+@njit(inline="always")
+def _fwd_store_simd(tb, y, yo, i, channels, v, bad, kk):
+    """y.flat[yo + i:...] = sum_{r < kk} tb[r] v[r], NaN where bad."""
+    acc = load(tb, i) * v[0]
+    for r in range(1, kk):
+        acc = acc + load(tb, r * channels + i) * v[r]
+    store(y, yo + i, select(bad, full(tb, np.nan), acc))
+
+
+@njit(inline="always")
+def _fwd_2x2_simd(x, tb, y, xo, yo, rs, cs, kk):
+    """_fwd_2x2_nhwc for window x.flat[xo] (rs, cs: flat steps to the
+    next window row and column), output y.flat[yo]."""
+    channels = tb.shape[1]
+    for i in range(0, channels, 64 // x.itemsize):
+        o = xo + i
+        a0 = load(x, o)
+        a1 = load(x, o + cs)
+        a2 = load(x, o + rs)
+        a3 = load(x, o + rs + cs)
+        _fwd_store_simd(tb, y, yo, i, channels,
+                        _sort4_nan_free(a0, a1, a2, a3),
+                        _any_nan4(a0, a1, a2, a3), kk)
+
+
+@njit(inline="always")
+def _fwd_3x3_simd(x, tb, y, xo, yo, rs, cs, kk):
+    """_fwd_3x3_nhwc in the manner of _fwd_2x2_simd."""
+    channels = tb.shape[1]
+    for i in range(0, channels, 64 // x.itemsize):
+        o = xo + i
+        a0 = load(x, o)
+        a1 = load(x, o + cs)
+        a2 = load(x, o + 2 * cs)
+        a3 = load(x, o + rs)
+        a4 = load(x, o + rs + cs)
+        a5 = load(x, o + rs + 2 * cs)
+        a6 = load(x, o + 2 * rs)
+        a7 = load(x, o + 2 * rs + cs)
+        a8 = load(x, o + 2 * rs + 2 * cs)
+        _fwd_store_simd(
+            tb, y, yo, i, channels,
+            _sort9_nan_free(a0, a1, a2, a3, a4, a5, a6, a7, a8),
+            _any_nan9(a0, a1, a2, a3, a4, a5, a6, a7, a8), kk)
 
 
 @njit(inline="always")
@@ -1179,10 +1230,19 @@ def _fwd_row_nhwc(x, n, oh, tblT, k, kind, geo, bnd, y, kk):
     interior_row = kind > 0 and oh >= oh_lo and oh < oh_hi
     h0 = oh * sh - pt
     tb = tblT[k]
+    simd = channels % (64 // x.itemsize) == 0
+    rs = dh * x.shape[2] * channels
+    cs = dw * channels
     for ow in range(y.shape[2]):
         if interior_row and ow >= ow_lo and ow < ow_hi:
             c0 = ow * sw - pl
-            if kind == 2:
+            xo = ((n * x.shape[1] + h0) * x.shape[2] + c0) * channels
+            yo = ((n * y.shape[1] + oh) * y.shape[2] + ow) * channels
+            if kind == 2 and simd:
+                _fwd_2x2_simd(x, tb, y, xo, yo, rs, cs, kk)
+            elif kind == 3 and simd:
+                _fwd_3x3_simd(x, tb, y, xo, yo, rs, cs, kk)
+            elif kind == 2:
                 _fwd_2x2_nhwc(x[n, h0, c0], x[n, h0, c0 + dw],
                               x[n, h0 + dh, c0], x[n, h0 + dh, c0 + dw],
                               tb, y[n, oh, ow], kk)
