@@ -921,38 +921,61 @@ def _weight_by_value(a, v, tpad, i, channels, zero, kk):
 
 
 @njit(inline="always")
-def _rank_simd(a, q, zero, one):
+def _rank_simd(a, q, f):
     """The stable rank of position q among the 9 vectors of a (NaN on top,
-    ties to the earlier position), as _ranks9. Positions s < t are
-    compared by the same expression for both, so each of the 36
-    comparisons is computed once."""
-    r = zero
+    ties to the earlier position), as _ranks9; f[r] is the vector of r.
+    Positions s < t are compared by the same expression for both, so each
+    of the 36 comparisons is computed once."""
+    r = f[0]
     for t in range(9):
         if t < q:
-            r = r + select((a[t] != a[t]) | (a[t] >= a[q]), one, zero)
+            r = r + select((a[t] != a[t]) | (a[t] >= a[q]), f[1], f[0])
         elif t > q:
-            r = r + select((a[q] != a[q]) | (a[q] >= a[t]), zero, one)
+            r = r + select((a[q] != a[q]) | (a[q] >= a[t]), f[0], f[1])
     return r
 
 
 @njit(inline="always")
-def _weight_by_rank(rank, tpad, i, channels, zero, kk):
-    """The weight of rank (a vector of ranks) from the table, 0 from kk
-    on."""
-    w = select(rank == zero, load(tpad, i), zero)
-    for r in range(1, kk):
-        w = select(rank == full(tpad, r), load(tpad, r * channels + i), w)
+def _weight_by_rank(rank, p, f):
+    """The weight of rank (a vector of ranks) from the 9 rows p of the
+    zero-padded table."""
+    w = select(rank == f[0], p[0], f[0])
+    for r in range(1, 9):
+        w = select(rank == f[r], p[r], w)
     return w
 
 
 @njit(inline="always")
-def _value_of_rank(a, rank, r, tpad):
+def _value_of_rank(a, rank, f, r):
     """The value of the position whose rank is r (exactly one is)."""
-    f = full(tpad, r)
     v = a[8]
     for q in range(7, -1, -1):
-        v = select(rank[q] == f, a[q], v)
+        v = select(rank[q] == f[r], a[q], v)
     return v
+
+
+@njit
+def _ranked_block_simd(a, p, f):
+    """(weights of the 9 positions, values of ranks 0-8) of one block of a
+    3x3 window by ranks, bit-identical to _ranked_3x3; p: the 9 rows of
+    the zero-padded table, f[r]: the vector of r. A function of its own,
+    compiled once per dtype rather than inlined into each pool_range's
+    row function: inlined, the backward took several minutes to
+    compile."""
+    rank = (_rank_simd(a, 0, f), _rank_simd(a, 1, f), _rank_simd(a, 2, f),
+            _rank_simd(a, 3, f), _rank_simd(a, 4, f), _rank_simd(a, 5, f),
+            _rank_simd(a, 6, f), _rank_simd(a, 7, f), _rank_simd(a, 8, f))
+    w = (_weight_by_rank(rank[0], p, f), _weight_by_rank(rank[1], p, f),
+         _weight_by_rank(rank[2], p, f), _weight_by_rank(rank[3], p, f),
+         _weight_by_rank(rank[4], p, f), _weight_by_rank(rank[5], p, f),
+         _weight_by_rank(rank[6], p, f), _weight_by_rank(rank[7], p, f),
+         _weight_by_rank(rank[8], p, f))
+    v = (_value_of_rank(a, rank, f, 0), _value_of_rank(a, rank, f, 1),
+         _value_of_rank(a, rank, f, 2), _value_of_rank(a, rank, f, 3),
+         _value_of_rank(a, rank, f, 4), _value_of_rank(a, rank, f, 5),
+         _value_of_rank(a, rank, f, 6), _value_of_rank(a, rank, f, 7),
+         _value_of_rank(a, rank, f, 8))
+    return w, v
 
 
 @njit(inline="always")
@@ -983,30 +1006,15 @@ def _window_3x3_simd(x, gy, tpad, gx, part, xo, go, rs, cs, stores, kk):
         for r in range(min(kk, 8)):
             m = m | (v[r] == v[r + 1])
         if any_lane(m):
-            one = full(tpad, 1.0)
-            rank = (_rank_simd(a, 0, zero, one), _rank_simd(a, 1, zero, one),
-                    _rank_simd(a, 2, zero, one), _rank_simd(a, 3, zero, one),
-                    _rank_simd(a, 4, zero, one), _rank_simd(a, 5, zero, one),
-                    _rank_simd(a, 6, zero, one), _rank_simd(a, 7, zero, one),
-                    _rank_simd(a, 8, zero, one))
-            w = (_weight_by_rank(rank[0], tpad, i, channels, zero, kk),
-                 _weight_by_rank(rank[1], tpad, i, channels, zero, kk),
-                 _weight_by_rank(rank[2], tpad, i, channels, zero, kk),
-                 _weight_by_rank(rank[3], tpad, i, channels, zero, kk),
-                 _weight_by_rank(rank[4], tpad, i, channels, zero, kk),
-                 _weight_by_rank(rank[5], tpad, i, channels, zero, kk),
-                 _weight_by_rank(rank[6], tpad, i, channels, zero, kk),
-                 _weight_by_rank(rank[7], tpad, i, channels, zero, kk),
-                 _weight_by_rank(rank[8], tpad, i, channels, zero, kk))
-            v = (_value_of_rank(a, rank, 0, tpad),
-                 _value_of_rank(a, rank, 1, tpad),
-                 _value_of_rank(a, rank, 2, tpad),
-                 _value_of_rank(a, rank, 3, tpad),
-                 _value_of_rank(a, rank, 4, tpad),
-                 _value_of_rank(a, rank, 5, tpad),
-                 _value_of_rank(a, rank, 6, tpad),
-                 _value_of_rank(a, rank, 7, tpad),
-                 _value_of_rank(a, rank, 8, tpad))
+            p = (load(tpad, i), load(tpad, channels + i),
+                 load(tpad, 2 * channels + i), load(tpad, 3 * channels + i),
+                 load(tpad, 4 * channels + i), load(tpad, 5 * channels + i),
+                 load(tpad, 6 * channels + i), load(tpad, 7 * channels + i),
+                 load(tpad, 8 * channels + i))
+            f = (zero, full(tpad, 1), full(tpad, 2), full(tpad, 3),
+                 full(tpad, 4), full(tpad, 5), full(tpad, 6), full(tpad, 7),
+                 full(tpad, 8))
+            w, v = _ranked_block_simd(a, p, f)
         else:
             w = (_weight_by_value(a[0], v, tpad, i, channels, zero, kk),
                  _weight_by_value(a[1], v, tpad, i, channels, zero, kk),
@@ -1031,8 +1039,8 @@ def _bwd_row_3x3_simd(args, kk):
     """The windows [ow_lo, ow_hi) of output row oh, all inside the input,
     by _window_3x3_simd; block sums of the weight gradient flushed every
     _BLOCK windows as in _bwd_rows_nhwc. Returns the windows in the block
-    not yet flushed. Compiled once per literal kk = k (1-9); args: see
-    _simd_row."""
+    not yet flushed. Compiled once per literal kk (1-4, 9: see
+    _simd_row); args: see _simd_row."""
     literally(kk)
     (x, gy, tpad, gx, part, acc, n, oh, ow_lo, ow_hi, geo, stores,
      in_block, k) = args
@@ -1341,7 +1349,7 @@ def _rows_to_zero(row, row_lo, row_hi, n_rows, out_h, height, sh, pt, ext,
 @njit(inline="always")
 def _simd_row(x, gy, tpad, gx, part, acc, n, oh, ow_lo, ow_hi, geo, stores,
               in_block, k):
-    """_bwd_row_3x3_simd with pool_range k as a literal."""
+    """_bwd_row_3x3_simd with pool_range k as a literal (1-4, or 9)."""
     a = (x, gy, tpad, gx, part, acc, n, oh, ow_lo, ow_hi, geo, stores,
          in_block, k)
     if k == 1:
@@ -1352,14 +1360,11 @@ def _simd_row(x, gy, tpad, gx, part, acc, n, oh, ow_lo, ow_hi, geo, stores,
         return _bwd_row_3x3_simd(a, 3)
     if k == 4:
         return _bwd_row_3x3_simd(a, 4)
-    if k == 5:
-        return _bwd_row_3x3_simd(a, 5)
-    if k == 6:
-        return _bwd_row_3x3_simd(a, 6)
-    if k == 7:
-        return _bwd_row_3x3_simd(a, 7)
-    if k == 8:
-        return _bwd_row_3x3_simd(a, 8)
+    # 5-8 as 9: the table's rows from k on are 0, so the weights are
+    # right; the values must then be distinct down to rank 9, not k + 1
+    # (more blocks ranked, same numbers); the block sums of ranks k-8 are
+    # never flushed. One specialisation instead of five: each takes tens
+    # of seconds to compile.
     return _bwd_row_3x3_simd(a, 9)
 
 
