@@ -56,7 +56,10 @@ Compile time: helpers are plain ``@njit`` functions that LLVM inlines, not
 slower to compile), except in the backward bodies, where LLVM left some of
 them as calls. The forward row functions are compiled once per literal
 pool_range (``numba.literally``), so that the sorting network's unused
-outputs are removed; each specialisation is a separate function.
+outputs are removed; each specialisation is a separate function. Each
+kind of window (2x2, 3x3, tile path only) has NHWC kernels of its own
+(_nhwc_forward, _nhwc_backward), so that a first call compiles only the
+code its geometry runs.
 
 Ranking predicate: ``a`` ranks strictly above ``b`` when ``a > b`` or ``a`` is
 NaN and ``b`` is not. A compare-exchange of an earlier position ``a`` with a
@@ -86,9 +89,11 @@ from typing import Optional
 
 import numpy as np
 from numba import literally, njit, prange
+from numba.core import types
+from numba.extending import overload
 
 from ._checks import Problem, softmax_table, weight_grad_from_partials
-from ._simd import any_lane, full, load, select, store, zeros
+from ._simd import VECTOR_BYTES, any_lane, full, load, select, store, zeros
 
 
 # --------------------------------------------------------------------------
@@ -445,7 +450,7 @@ def _fwd_2x2_simd(x, tb, y, xo, yo, rs, cs, kk):
     """_fwd_2x2_nhwc for window x.flat[xo] (rs, cs: flat steps to the
     next window row and column), output y.flat[yo]."""
     channels = tb.shape[1]
-    for i in range(0, channels, 64 // x.itemsize):
+    for i in range(0, channels, VECTOR_BYTES // x.itemsize):
         o = xo + i
         a0 = load(x, o)
         a1 = load(x, o + cs)
@@ -460,7 +465,7 @@ def _fwd_2x2_simd(x, tb, y, xo, yo, rs, cs, kk):
 def _fwd_3x3_simd(x, tb, y, xo, yo, rs, cs, kk):
     """_fwd_3x3_nhwc in the manner of _fwd_2x2_simd."""
     channels = tb.shape[1]
-    for i in range(0, channels, 64 // x.itemsize):
+    for i in range(0, channels, VECTOR_BYTES // x.itemsize):
         o = xo + i
         a0 = load(x, o)
         a1 = load(x, o + cs)
@@ -793,29 +798,18 @@ def _bwd_3x3_nhwc(xs, g, tpad, gxs, part, scr, stores, k):
         done = _distinct_weights_3x3(xs, g, tpad, scr, 4)
     else:
         done = False
-    if done:
-        _store_or_add_rows(scr, gxs, stores)
-        _add_partials(g, scr, 9, part, k)
-    else:
-        _ranked_3x3(xs, g, tpad, gxs, part, scr, stores, k)
-
-
-@njit(inline="always")
-def _ranked_3x3(xs, g, tpad, gxs, part, scr, stores, k):
-    """The ranking path of _bwd_3x3_nhwc: ranks and ranked values into
-    the scratch tile, one short loop per position picks its weight, then
-    the rows go into grad_x and the block sums."""
-    _rank_rows_3x3(xs, scr)
-    if k == 1:
-        _weights_3x3(scr, g, tpad, 1)
-    elif k == 2:
-        _weights_3x3(scr, g, tpad, 2)
-    elif k == 3:
-        _weights_3x3(scr, g, tpad, 3)
-    elif k == 4:
-        _weights_3x3(scr, g, tpad, 4)
-    else:
-        _weights_3x3(scr, g, tpad, 0)
+    if not done:
+        _rank_rows_3x3(xs, scr)
+        if k == 1:
+            _weights_3x3(scr, g, tpad, 1)
+        elif k == 2:
+            _weights_3x3(scr, g, tpad, 2)
+        elif k == 3:
+            _weights_3x3(scr, g, tpad, 3)
+        elif k == 4:
+            _weights_3x3(scr, g, tpad, 4)
+        else:
+            _weights_3x3(scr, g, tpad, 0)
     _store_or_add_rows(scr, gxs, stores)
     _add_partials(g, scr, 9, part, k)
 
@@ -840,6 +834,20 @@ def _put(gx, i, v, first):
 
 
 @njit(inline="always")
+def _of_rank(r, zero, one, two, q0, q1, q2, q3):
+    """q[r] for a vector r of ranks 0-3 (zero, one, two: their vectors)."""
+    return select(r == zero, q0, select(r == one, q1,
+                                        select(r == two, q2, q3)))
+
+
+@njit(inline="always")
+def _at_rank(f, r0, r1, r2, a0, a1, a2, a3):
+    """The value of the one position of 4 whose rank (r0-r2; else 3) is
+    the vector f."""
+    return select(r0 == f, a0, select(r1 == f, a1, select(r2 == f, a2, a3)))
+
+
+@njit(inline="always")
 def _window_2x2_simd(x, gy, tpad, gx, part, xo, go, rs, cs, overwrite):
     """_bwd_2x2_nhwc in explicit vectors (_simd): one window inside the
     input, all channels, flat indices as for _window_3x3_simd. Ranks from
@@ -849,7 +857,7 @@ def _window_2x2_simd(x, gy, tpad, gx, part, xo, go, rs, cs, overwrite):
     in _bwd_2x2_nhwc) by picking the position of each rank: the same
     numbers as the loop form, bit for bit."""
     channels = tpad.shape[1]
-    lanes = 64 // x.itemsize
+    lanes = VECTOR_BYTES // x.itemsize
     zero = zeros(tpad)
     one = full(tpad, 1.0)
     two = full(tpad, 2.0)
@@ -883,26 +891,18 @@ def _window_2x2_simd(x, gy, tpad, gx, part, xo, go, rs, cs, overwrite):
         q1 = load(tpad, channels + i)
         q2 = load(tpad, 2 * channels + i)
         q3 = load(tpad, 3 * channels + i)
-        w0 = select(r0 == zero, q0, select(r0 == one, q1,
-                                           select(r0 == two, q2, q3)))
-        w1 = select(r1 == zero, q0, select(r1 == one, q1,
-                                           select(r1 == two, q2, q3)))
-        w2 = select(r2 == zero, q0, select(r2 == one, q1,
-                                           select(r2 == two, q2, q3)))
-        w3 = select(r3 == zero, q0, select(r3 == one, q1,
-                                           select(r3 == two, q2, q3)))
+        w0 = _of_rank(r0, zero, one, two, q0, q1, q2, q3)
+        w1 = _of_rank(r1, zero, one, two, q0, q1, q2, q3)
+        w2 = _of_rank(r2, zero, one, two, q0, q1, q2, q3)
+        w3 = _of_rank(r3, zero, one, two, q0, q1, q2, q3)
         _put(gx, o, g * w0, overwrite)
         _put(gx, o + cs, g * w1, overwrite)
         _put(gx, o + rs, g * w2, overwrite)
         _put(gx, o + rs + cs, g * w3, overwrite)
-        v0 = select(r0 == zero, a0, select(r1 == zero, a1,
-                                           select(r2 == zero, a2, a3)))
-        v1 = select(r0 == one, a0, select(r1 == one, a1,
-                                          select(r2 == one, a2, a3)))
-        v2 = select(r0 == two, a0, select(r1 == two, a1,
-                                          select(r2 == two, a2, a3)))
-        v3 = select(r0 == three, a0, select(r1 == three, a1,
-                                            select(r2 == three, a2, a3)))
+        v0 = _at_rank(zero, r0, r1, r2, a0, a1, a2, a3)
+        v1 = _at_rank(one, r0, r1, r2, a0, a1, a2, a3)
+        v2 = _at_rank(two, r0, r1, r2, a0, a1, a2, a3)
+        v3 = _at_rank(three, r0, r1, r2, a0, a1, a2, a3)
         store(part, i, load(part, i) + g * v0)
         store(part, channels + i, load(part, channels + i) + g * v1)
         store(part, 2 * channels + i, load(part, 2 * channels + i) + g * v2)
@@ -957,11 +957,11 @@ def _value_of_rank(a, rank, f, r):
 @njit
 def _ranked_block_simd(a, p, f):
     """(weights of the 9 positions, values of ranks 0-8) of one block of a
-    3x3 window by ranks, bit-identical to _ranked_3x3; p: the 9 rows of
-    the zero-padded table, f[r]: the vector of r. A function of its own,
-    compiled once per dtype rather than inlined into each pool_range's
-    row function: inlined, the backward took several minutes to
-    compile."""
+    3x3 window by ranks, bit-identical to the ranking path of
+    _bwd_3x3_nhwc; p: the 9 rows of the zero-padded table, f[r]: the
+    vector of r. A function of its own, compiled once per dtype rather
+    than inlined into each pool_range's row function: inlined, the
+    backward took several minutes to compile."""
     rank = (_rank_simd(a, 0, f), _rank_simd(a, 1, f), _rank_simd(a, 2, f),
             _rank_simd(a, 3, f), _rank_simd(a, 4, f), _rank_simd(a, 5, f),
             _rank_simd(a, 6, f), _rank_simd(a, 7, f), _rank_simd(a, 8, f))
@@ -987,12 +987,13 @@ def _window_3x3_simd(x, gy, tpad, gx, part, xo, go, rs, cs, stores, kk):
     the NaN-free network; where no lane holds a NaN or ties among its
     kk + 1 largest values, each position's weight is that of the kept
     value it equals (the ranking-free path of _distinct_weights_3x3);
-    otherwise ranks from the pairwise comparisons (_ranked_3x3's). Then
-    nine stores or adds into grad_x and the block sums. Every weight is
-    computed before the first store: a store to grad_x could alias tpad
+    otherwise ranks from the pairwise comparisons (as _bwd_3x3_nhwc's
+    ranking path). Then nine stores or adds into grad_x and the block
+    sums. Every weight is computed before the first store: a store to
+    grad_x could alias tpad
     for all LLVM knows, which would repeat its loads for each position."""
     channels = tpad.shape[1]
-    lanes = 64 // x.itemsize
+    lanes = VECTOR_BYTES // x.itemsize
     zero = zeros(tpad)
     for i in range(0, channels, lanes):
         o = xo + i
@@ -1218,11 +1219,28 @@ def _bwd_tile_nhwc(x, n, oh, ow, go, tblT, k, kh, kw, sh, sw, dh, dw, pt,
 # (numba.literally). Each specialisation is a separate LLVM function: the
 # same code inlined five times into one kernel took several times longer to
 # compile than five separate functions, for the same speed.
+#
+# The kind of window (kind: 2 for 2x2, 3 for 3x3, 0 for the tile path only)
+# is a literal too: each kind has parallel kernels of its own
+# (_nhwc_forward, _nhwc_backward), compiled on first use. Numba types every
+# branch of a function, even one that a literal rules out, and compiles
+# whatever is called there; so the calls that one kind never makes go
+# through typing-time switches (numba.extending.overload: _fwd_row,
+# _row_3x3_simd, _window_3x3_loop) that resolve to a function doing
+# nothing. A first call thus compiles the code of its kind of window only
+# (one kernel for all kinds took 25 s to compile for the forward and 86-97
+# s for the backward, float32; see docs/performance.md).
+
+def _literal(t):
+    """The value of a literal integer type, or None."""
+    return t.literal_value if isinstance(t, types.IntegerLiteral) else None
+
 
 @njit(cache=True)
 def _fwd_row_nhwc(x, n, oh, tblT, k, kind, geo, bnd, y, kk):
     """One output row. kind 2: 2x2 and kind 3: 3x3 register paths for the
     windows inside the input; every other window takes the tile path."""
+    literally(kind)
     literally(kk)
     (kh, kw, sh, sw, dh, dw, pt, pb, pl, pr, has_pad, pad_value) = geo
     oh_lo, oh_hi, ow_lo, ow_hi = bnd
@@ -1238,7 +1256,7 @@ def _fwd_row_nhwc(x, n, oh, tblT, k, kind, geo, bnd, y, kk):
     interior_row = kind > 0 and oh >= oh_lo and oh < oh_hi
     h0 = oh * sh - pt
     tb = tblT[k]
-    simd = channels % (64 // x.itemsize) == 0
+    simd = channels % (VECTOR_BYTES // x.itemsize) == 0
     rs = dh * x.shape[2] * channels
     cs = dw * channels
     for ow in range(y.shape[2]):
@@ -1246,55 +1264,92 @@ def _fwd_row_nhwc(x, n, oh, tblT, k, kind, geo, bnd, y, kk):
             c0 = ow * sw - pl
             xo = ((n * x.shape[1] + h0) * x.shape[2] + c0) * channels
             yo = ((n * y.shape[1] + oh) * y.shape[2] + ow) * channels
-            if kind == 2 and simd:
-                _fwd_2x2_simd(x, tb, y, xo, yo, rs, cs, kk)
-            elif kind == 3 and simd:
-                _fwd_3x3_simd(x, tb, y, xo, yo, rs, cs, kk)
-            elif kind == 2:
-                _fwd_2x2_nhwc(x[n, h0, c0], x[n, h0, c0 + dw],
-                              x[n, h0 + dh, c0], x[n, h0 + dh, c0 + dw],
-                              tb, y[n, oh, ow], kk)
-            else:
-                _fwd_3x3_nhwc(x[n, h0], x[n, h0 + dh], x[n, h0 + 2 * dh],
-                              c0, dw, tb, y[n, oh, ow], kk)
+            if kind == 2:
+                if simd:
+                    _fwd_2x2_simd(x, tb, y, xo, yo, rs, cs, kk)
+                else:
+                    _fwd_2x2_nhwc(x[n, h0, c0], x[n, h0, c0 + dw],
+                                  x[n, h0 + dh, c0], x[n, h0 + dh, c0 + dw],
+                                  tb, y[n, oh, ow], kk)
+            elif kind == 3:
+                if simd:
+                    _fwd_3x3_simd(x, tb, y, xo, yo, rs, cs, kk)
+                else:
+                    _fwd_3x3_nhwc(x[n, h0], x[n, h0 + dh],
+                                  x[n, h0 + 2 * dh], c0, dw, tb,
+                                  y[n, oh, ow], kk)
         else:
             _fwd_tile_nhwc(x, n, oh, ow, tblT, k, kh, kw, sh, sw, dh, dw,
                            pt, pb, pl, pr, has_pad, pad_value, pos_h, pos_w,
                            pos_s, top, top_s, carry, carry_s, y[n, oh, ow])
 
 
-@njit(parallel=True, cache=True)
-def _forward_nhwc(x, tblT, k, kind, kh, kw, sh, sw, dh, dw, pt, pb, pl, pr,
-                  has_pad, pad_value, oh_lo, oh_hi, ow_lo, ow_hi, y):
-    geo = (kh, kw, sh, sw, dh, dw, pt, pb, pl, pr, has_pad, pad_value)
-    bnd = (oh_lo, oh_hi, ow_lo, ow_hi)
-    out_h = y.shape[1]
-    for t in prange(x.shape[0] * out_h):
-        n = t // out_h
-        oh = t - n * out_h
-        # The ladder is the point: each call passes the pool_range as a
-        # literal constant, and numba.literally in _fwd_row_nhwc compiles
-        # one specialisation per value (0: tile path only).
-        if kind == 0:
-            _fwd_row_nhwc(x, n, oh, tblT, k, kind, geo, bnd, y, 0)
-        elif k == 1:
-            _fwd_row_nhwc(x, n, oh, tblT, k, kind, geo, bnd, y, 1)
-        elif k == 2:
-            _fwd_row_nhwc(x, n, oh, tblT, k, kind, geo, bnd, y, 2)
-        elif k == 3:
-            _fwd_row_nhwc(x, n, oh, tblT, k, kind, geo, bnd, y, 3)
-        elif k == 4:
-            _fwd_row_nhwc(x, n, oh, tblT, k, kind, geo, bnd, y, 4)
-        elif k == 5:
-            _fwd_row_nhwc(x, n, oh, tblT, k, kind, geo, bnd, y, 5)
-        elif k == 6:
-            _fwd_row_nhwc(x, n, oh, tblT, k, kind, geo, bnd, y, 6)
-        elif k == 7:
-            _fwd_row_nhwc(x, n, oh, tblT, k, kind, geo, bnd, y, 7)
-        elif k == 8:
-            _fwd_row_nhwc(x, n, oh, tblT, k, kind, geo, bnd, y, 8)
-        else:
-            _fwd_row_nhwc(x, n, oh, tblT, k, kind, geo, bnd, y, 9)
+def _fwd_row(x, n, oh, tblT, k, kind, geo, bnd, y, kk):
+    """_fwd_row_nhwc for the literal pairs (kind, kk) that occur: (0, 0),
+    (2, 1-4), (3, 1-9); nothing for the others."""
+
+
+def _call_fwd_row(x, n, oh, tblT, k, kind, geo, bnd, y, kk):
+    _fwd_row_nhwc(x, n, oh, tblT, k, kind, geo, bnd, y, kk)
+
+
+def _skip_fwd_row(x, n, oh, tblT, k, kind, geo, bnd, y, kk):
+    return None
+
+
+@overload(_fwd_row, prefer_literal=True, inline="always")
+def _fwd_row_typing(x, n, oh, tblT, k, kind, geo, bnd, y, kk):
+    which, v = _literal(kind), _literal(kk)
+    if which is None or v is None:
+        return _call_fwd_row
+    occurs = v == 0 if which == 0 else 1 <= v <= (4 if which == 2 else 9)
+    return _call_fwd_row if occurs else _skip_fwd_row
+
+
+def _nhwc_forward(kind):
+    """The parallel NHWC forward for one kind of window (see _fwd_row).
+    kind is a constant of the closure, which Numba types as a literal; a
+    kernel for each kind, rather than one kernel with kind as a literal
+    argument (numba.literally): a Python call to a function that takes a
+    literal retypes it every time (25 ms)."""
+    @njit(parallel=True, cache=True)
+    def kernel(x, tblT, k, kh, kw, sh, sw, dh, dw, pt, pb, pl, pr, has_pad,
+               pad_value, oh_lo, oh_hi, ow_lo, ow_hi, y):
+        geo = (kh, kw, sh, sw, dh, dw, pt, pb, pl, pr, has_pad, pad_value)
+        bnd = (oh_lo, oh_hi, ow_lo, ow_hi)
+        out_h = y.shape[1]
+        for t in prange(x.shape[0] * out_h):
+            n = t // out_h
+            oh = t - n * out_h
+            # The ladder is the point: each call passes the pool_range as a
+            # literal constant, and numba.literally in _fwd_row_nhwc compiles
+            # one specialisation per value (0: tile path only) that the kind
+            # of window can have (see _fwd_row).
+            if kind == 0:
+                _fwd_row(x, n, oh, tblT, k, kind, geo, bnd, y, 0)
+            elif k == 1:
+                _fwd_row(x, n, oh, tblT, k, kind, geo, bnd, y, 1)
+            elif k == 2:
+                _fwd_row(x, n, oh, tblT, k, kind, geo, bnd, y, 2)
+            elif k == 3:
+                _fwd_row(x, n, oh, tblT, k, kind, geo, bnd, y, 3)
+            elif k == 4:
+                _fwd_row(x, n, oh, tblT, k, kind, geo, bnd, y, 4)
+            elif k == 5:
+                _fwd_row(x, n, oh, tblT, k, kind, geo, bnd, y, 5)
+            elif k == 6:
+                _fwd_row(x, n, oh, tblT, k, kind, geo, bnd, y, 6)
+            elif k == 7:
+                _fwd_row(x, n, oh, tblT, k, kind, geo, bnd, y, 7)
+            elif k == 8:
+                _fwd_row(x, n, oh, tblT, k, kind, geo, bnd, y, 8)
+            else:
+                _fwd_row(x, n, oh, tblT, k, kind, geo, bnd, y, 9)
+
+    return kernel
+
+
+_FORWARD_NHWC = {kind: _nhwc_forward(kind) for kind in (0, 2, 3)}
 
 
 @njit(inline="always")
@@ -1346,12 +1401,13 @@ def _rows_to_zero(row, row_lo, row_hi, n_rows, out_h, height, sh, pt, ext,
     return n, z0, z1
 
 
-@njit(inline="always")
 def _simd_row(x, gy, tpad, gx, part, acc, n, oh, ow_lo, ow_hi, geo, stores,
-              in_block, k):
+              in_block, k, kind):
     """_bwd_row_3x3_simd with pool_range k as a literal (1-4, or 9)."""
+    # in_block + 0: typing reaches this call with in_block both as the
+    # literal 0 and as int64, and would compile every row function twice.
     a = (x, gy, tpad, gx, part, acc, n, oh, ow_lo, ow_hi, geo, stores,
-         in_block, k)
+         in_block + 0, k)
     if k == 1:
         return _bwd_row_3x3_simd(a, 1)
     if k == 2:
@@ -1366,6 +1422,39 @@ def _simd_row(x, gy, tpad, gx, part, acc, n, oh, ow_lo, ow_hi, geo, stores,
     # never flushed. One specialisation instead of five: each takes tens
     # of seconds to compile.
     return _bwd_row_3x3_simd(a, 9)
+
+
+def _call_3x3_window(xs, g, tpad, gxs, part, scr, stores, k, kind):
+    _bwd_3x3_nhwc(xs, g, tpad, gxs, part, scr, stores, k)
+
+
+def _skip_3x3_window(xs, g, tpad, gxs, part, scr, stores, k, kind):
+    return None
+
+
+def _skip_3x3_row(x, gy, tpad, gx, part, acc, n, oh, ow_lo, ow_hi, geo,
+                  stores, in_block, k, kind):
+    return in_block
+
+
+def _window_3x3_loop(xs, g, tpad, gxs, part, scr, stores, k, kind):
+    """_bwd_3x3_nhwc where the literal kind is 3; else nothing."""
+
+
+def _row_3x3_simd(x, gy, tpad, gx, part, acc, n, oh, ow_lo, ow_hi, geo,
+                  stores, in_block, k, kind):
+    """_simd_row where the literal kind is 3; else returns in_block."""
+
+
+@overload(_window_3x3_loop, prefer_literal=True, inline="always")
+def _window_3x3_loop_typing(xs, g, tpad, gxs, part, scr, stores, k, kind):
+    return _skip_3x3_window if _literal(kind) in (0, 2) else _call_3x3_window
+
+
+@overload(_row_3x3_simd, prefer_literal=True, inline="always")
+def _row_3x3_simd_typing(x, gy, tpad, gx, part, acc, n, oh, ow_lo, ow_hi,
+                         geo, stores, in_block, k, kind):
+    return _skip_3x3_row if _literal(kind) in (0, 2) else _simd_row
 
 
 @njit(cache=True)
@@ -1419,7 +1508,7 @@ def _bwd_rows_nhwc(x, gy, tblT, tpad, k, kind, plain, geo, bnd, row_lo,
     stores = 511 if plain else 0
     # Register-path windows in explicit vectors where the channels fill
     # whole ones.
-    simd = kind > 0 and channels % (64 // x.itemsize) == 0
+    simd = kind > 0 and channels % (VECTOR_BYTES // x.itemsize) == 0
     rs = dh * x.shape[2] * channels
     cs = dw * channels
     for row in range(row_lo, row_hi):
@@ -1443,12 +1532,13 @@ def _bwd_rows_nhwc(x, gy, tblT, tpad, k, kind, plain, geo, bnd, row_lo,
                 _zero_rows(gx, zn, z0, z1)
                 stores = 511 if plain else 0
         for ow in range(out_w):
-            if interior_row and simd and kind == 3 and ow >= ow_lo and ow < ow_hi:
+            inside = interior_row and ow >= ow_lo and ow < ow_hi
+            if inside and simd and kind == 3:
                 if ow == ow_lo:
-                    in_block = _simd_row(x, gy, tpad, gx, part, ak, n, oh,
-                                         ow_lo, ow_hi, geo, stores, in_block,
-                                         k)
-            elif interior_row and ow >= ow_lo and ow < ow_hi:
+                    in_block = _row_3x3_simd(x, gy, tpad, gx, part, ak, n,
+                                             oh, ow_lo, ow_hi, geo, stores,
+                                             in_block, k, kind)
+            elif inside:
                 c0 = ow * sw - pl
                 h1 = h0 + dh
                 c1 = c0 + dw
@@ -1467,7 +1557,7 @@ def _bwd_rows_nhwc(x, gy, tblT, tpad, k, kind, plain, geo, bnd, row_lo,
                 elif kind == 3:
                     h2 = h1 + dh
                     c2 = c1 + dw
-                    _bwd_3x3_nhwc(
+                    _window_3x3_loop(
                         (x[n, h0, c0], x[n, h0, c1], x[n, h0, c2],
                          x[n, h1, c0], x[n, h1, c1], x[n, h1, c2],
                          x[n, h2, c0], x[n, h2, c1], x[n, h2, c2]),
@@ -1475,7 +1565,7 @@ def _bwd_rows_nhwc(x, gy, tblT, tpad, k, kind, plain, geo, bnd, row_lo,
                         (gx[n, h0, c0], gx[n, h0, c1], gx[n, h0, c2],
                          gx[n, h1, c0], gx[n, h1, c1], gx[n, h1, c2],
                          gx[n, h2, c0], gx[n, h2, c1], gx[n, h2, c2]),
-                        part, scr, stores, k)
+                        part, scr, stores, k, kind)
                 in_block += 1
                 if in_block == _BLOCK:
                     _flush_partials(part, ak, k)
@@ -1490,36 +1580,33 @@ def _bwd_rows_nhwc(x, gy, tblT, tpad, k, kind, plain, geo, bnd, row_lo,
             in_block = 0
 
 
-@njit(parallel=True, cache=True)
-def _backward_nhwc(x, gy, tblT, tpad, k, kind, plain, kh, kw, sh, sw, dh, dw,
-                   pt, pb, pl, pr, has_pad, pad_value, oh_lo, oh_hi, ow_lo,
-                   ow_hi, rows_per_chunk, parity_passes, zero, gx, acc):
-    """acc[chunk, m, r, c]: float64 partial sums of g * a(r), per chunk;
-    zero: zero the rows of grad_x that windows cover (the caller zeroes
-    the others)."""
-    geo = (kh, kw, sh, sw, dh, dw, pt, pb, pl, pr, has_pad, pad_value)
-    bnd = (oh_lo, oh_hi, ow_lo, ow_hi)
-    n_rows = x.shape[0] * gy.shape[1]
-    n_chunks = acc.shape[0]
-    step = parity_passes
-    for phase in range(parity_passes):
-        n_here = (n_chunks - phase + step - 1) // step
-        for u in prange(n_here):
-            chunk = phase + u * step
-            row_lo = chunk * rows_per_chunk
-            row_hi = min(row_lo + rows_per_chunk, n_rows)
-            if kind == 2:
-                _bwd_rows_nhwc(x, gy, tblT, tpad, k, 2, plain, geo, bnd,
+def _nhwc_backward(kind):
+    """The parallel NHWC backward for one kind of window, as
+    _nhwc_forward. acc[chunk, m, r, c]: float64 partial sums of g * a(r),
+    per chunk; zero: zero the rows of grad_x that windows cover (the
+    caller zeroes the others)."""
+    @njit(parallel=True, cache=True)
+    def kernel(x, gy, tblT, tpad, k, plain, kh, kw, sh, sw, dh, dw, pt, pb,
+               pl, pr, has_pad, pad_value, oh_lo, oh_hi, ow_lo, ow_hi,
+               rows_per_chunk, parity_passes, zero, gx, acc):
+        geo = (kh, kw, sh, sw, dh, dw, pt, pb, pl, pr, has_pad, pad_value)
+        bnd = (oh_lo, oh_hi, ow_lo, ow_hi)
+        n_rows = x.shape[0] * gy.shape[1]
+        n_chunks = acc.shape[0]
+        step = parity_passes
+        for phase in range(parity_passes):
+            n_here = (n_chunks - phase + step - 1) // step
+            for u in prange(n_here):
+                chunk = phase + u * step
+                row_lo = chunk * rows_per_chunk
+                row_hi = min(row_lo + rows_per_chunk, n_rows)
+                _bwd_rows_nhwc(x, gy, tblT, tpad, k, kind, plain, geo, bnd,
                                row_lo, row_hi, zero, phase == 1, gx,
                                acc[chunk])
-            elif kind == 3:
-                _bwd_rows_nhwc(x, gy, tblT, tpad, k, 3, plain, geo, bnd,
-                               row_lo, row_hi, zero, phase == 1, gx,
-                               acc[chunk])
-            else:
-                _bwd_rows_nhwc(x, gy, tblT, tpad, k, 0, plain, geo, bnd,
-                               row_lo, row_hi, zero, phase == 1, gx,
-                               acc[chunk])
+    return kernel
+
+
+_BACKWARD_NHWC = {kind: _nhwc_backward(kind) for kind in (0, 2, 3)}
 
 
 # --------------------------------------------------------------------------
@@ -1856,7 +1943,7 @@ def _forward_nchw_3x3(x, table, per_channel, k, kh, kw, sh, sw, dh, dw, pt,
         n = t // channels
         c = t - n * channels
         tb = table[c if per_channel else 0]
-        # One specialisation per literal pool_range (see _forward_nhwc).
+        # One specialisation per literal pool_range (see _nhwc_forward).
         if k == 1:
             _fwd_plane_nchw_3x3(x, n, c, tb, k, geo, bnd, y, 1)
         elif k == 2:
@@ -2236,9 +2323,8 @@ def forward(x: np.ndarray, w: np.ndarray, p: Problem,
         if y is None:
             y = np.empty((p.batch, g.out_h, g.out_w, p.channels), p.dtype)
         if y.size:
-            _forward_nhwc(xm, tblT, p.pool_range,
-                          kind, *_geometry_args(p), oh_lo, oh_hi, ow_lo,
-                          ow_hi, y)
+            _FORWARD_NHWC[kind](xm, tblT, p.pool_range, *_geometry_args(p),
+                                oh_lo, oh_hi, ow_lo, ow_hi, y)
     else:
         if y is None:
             y = np.empty((p.batch, p.channels, g.out_h, g.out_w), p.dtype)
@@ -2319,9 +2405,9 @@ def backward(grad_y: np.ndarray, x: np.ndarray, w: np.ndarray,
         tpad = np.zeros((9, p.channels), p.dtype)
         if kind:  # register paths: k <= window size <= 9
             tpad[:k] = tblT[k]
-        _backward_nhwc(xm, gym, tblT, tpad, k, kind, plain,
-                       *_geometry_args(p), oh_lo, oh_hi, ow_lo, ow_hi,
-                       rows_per_chunk, passes, not tiles, gx, acc)
+        _BACKWARD_NHWC[kind](xm, gym, tblT, tpad, k, plain,
+                             *_geometry_args(p), oh_lo, oh_hi, ow_lo, ow_hi,
+                             rows_per_chunk, passes, not tiles, gx, acc)
     with np.errstate(invalid="ignore", over="ignore"):
         per_channel = acc.sum(axis=0)            # (k+1, k, C)
         if not p.per_channel:

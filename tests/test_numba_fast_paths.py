@@ -25,6 +25,7 @@ import pytest
 from sortpool_ref import _numba_engine as engine
 from sortpool_ref import reference
 from sortpool_ref._checks import make_problem
+from sortpool_ref._simd import VECTOR_BYTES
 from sortpool_ref.testing import assert_close, tolerance_scale
 from sortpool_ref.testing.strategies import array_of
 
@@ -233,7 +234,7 @@ def test_vector_paths_match_reference(name, layout, dtype):
     """test_paths_match_reference for 32 channels, whole vectors of either
     dtype, which the 2x2 and 3x3 register paths run in explicit vectors
     (engine._window_3x3_simd, engine._window_2x2_simd, the forwards)."""
-    assert 32 % (64 // np.dtype(dtype).itemsize) == 0
+    assert 32 % (VECTOR_BYTES // np.dtype(dtype).itemsize) == 0
     _check_geometry(name, layout, dtype, channels=32, seed=100)
 
 
@@ -247,7 +248,7 @@ def test_3x3_vector_path_mixed_blocks(special, dtype):
     window's grad_x and grad_w are the reference's. Positive values and
     grad_y, so a block written twice or weighted by the wrong path moves
     grad_x far beyond the tolerance."""
-    lanes = 64 // np.dtype(dtype).itemsize
+    lanes = VECTOR_BYTES // np.dtype(dtype).itemsize
     channels = 4 * lanes
     x = array_of("distinct", (1, 9, 9, channels), dtype, 31)
     x = x - x.min() + dtype(1.0)

@@ -22,7 +22,7 @@ def _lanes_ops(a, b, i, out):
     va = load(a, i)
     vb = load(b, i)
     zero = zeros(a)
-    lanes = 64 // a.itemsize
+    lanes = VECTOR_BYTES // a.itemsize
     store(out, 0 * lanes, va + vb)
     store(out, 1 * lanes, va * vb)
     store(out, 2 * lanes, select(va < vb, va, zero))
