@@ -57,9 +57,10 @@ slower to compile), except in the backward bodies, where LLVM left some of
 them as calls. The forward row functions are compiled once per literal
 pool_range (``numba.literally``), so that the sorting network's unused
 outputs are removed; each specialisation is a separate function. Each
-kind of window (2x2, 3x3, tile path only) has NHWC kernels of its own
-(_nhwc_forward, _nhwc_backward), so that a first call compiles only the
-code its geometry runs.
+kind of window (2x2, 3x3, tile path only) has an NHWC backward kernel of
+its own, and each kind and pool_range an NHWC forward kernel
+(_nhwc_backward, _nhwc_forward), so that a first call compiles little
+more than the code it runs.
 
 Ranking predicate: ``a`` ranks strictly above ``b`` when ``a > b`` or ``a`` is
 NaN and ``b`` is not. A compare-exchange of an earlier position ``a`` with a
@@ -1221,15 +1222,16 @@ def _bwd_tile_nhwc(x, n, oh, ow, go, tblT, k, kh, kw, sh, sw, dh, dw, pt,
 # compile than five separate functions, for the same speed.
 #
 # The kind of window (kind: 2 for 2x2, 3 for 3x3, 0 for the tile path only)
-# is a literal too: each kind has parallel kernels of its own
-# (_nhwc_forward, _nhwc_backward), compiled on first use. Numba types every
-# branch of a function, even one that a literal rules out, and compiles
-# whatever is called there; so the calls that one kind never makes go
-# through typing-time switches (numba.extending.overload: _fwd_row,
-# _row_3x3_simd, _window_3x3_loop) that resolve to a function doing
-# nothing. A first call thus compiles the code of its kind of window only
-# (one kernel for all kinds took 25 s to compile for the forward and 86-97
-# s for the backward, float32; see docs/performance.md).
+# is a literal too: each kind has a backward kernel of its own
+# (_nhwc_backward), and each pair of kind and pool_range a forward kernel
+# (_nhwc_forward), compiled on first use, so that a first call compiles
+# the code it runs and little else (one kernel for every kind and
+# pool_range took 25 s to compile for the forward and 86-97 s for the
+# backward, float32; see docs/performance.md). Numba types every branch
+# of a function, even one that a literal rules out, and compiles whatever
+# is called there; so the backward's 3x3 bodies go through typing-time
+# switches (numba.extending.overload: _row_3x3_simd, _window_3x3_loop)
+# that resolve to a function doing nothing in the 2x2 and tile kernels.
 
 def _literal(t):
     """The value of a literal integer type, or None."""
@@ -1284,34 +1286,15 @@ def _fwd_row_nhwc(x, n, oh, tblT, k, kind, geo, bnd, y, kk):
                            pos_s, top, top_s, carry, carry_s, y[n, oh, ow])
 
 
-def _fwd_row(x, n, oh, tblT, k, kind, geo, bnd, y, kk):
-    """_fwd_row_nhwc for the literal pairs (kind, kk) that occur: (0, 0),
-    (2, 1-4), (3, 1-9); nothing for the others."""
-
-
-def _call_fwd_row(x, n, oh, tblT, k, kind, geo, bnd, y, kk):
-    _fwd_row_nhwc(x, n, oh, tblT, k, kind, geo, bnd, y, kk)
-
-
-def _skip_fwd_row(x, n, oh, tblT, k, kind, geo, bnd, y, kk):
-    return None
-
-
-@overload(_fwd_row, prefer_literal=True, inline="always")
-def _fwd_row_typing(x, n, oh, tblT, k, kind, geo, bnd, y, kk):
-    which, v = _literal(kind), _literal(kk)
-    if which is None or v is None:
-        return _call_fwd_row
-    occurs = v == 0 if which == 0 else 1 <= v <= (4 if which == 2 else 9)
-    return _call_fwd_row if occurs else _skip_fwd_row
-
-
-def _nhwc_forward(kind):
-    """The parallel NHWC forward for one kind of window (see _fwd_row).
-    kind is a constant of the closure, which Numba types as a literal; a
-    kernel for each kind, rather than one kernel with kind as a literal
-    argument (numba.literally): a Python call to a function that takes a
-    literal retypes it every time (25 ms)."""
+@functools.lru_cache(maxsize=None)
+def _nhwc_forward(kind, kk):
+    """The parallel NHWC forward for one kind of window and, for the
+    register paths, one pool_range kk (0 for the tile path only): both
+    constants of the closure, which Numba types as literals, so that a
+    first call compiles its row function and no other. A kernel per pair,
+    rather than one kernel with kind and kk as literal arguments
+    (numba.literally): a Python call to a function that takes a literal
+    retypes it every time (25 ms)."""
     @njit(parallel=True, cache=True)
     def kernel(x, tblT, k, kh, kw, sh, sw, dh, dw, pt, pb, pl, pr, has_pad,
                pad_value, oh_lo, oh_hi, ow_lo, ow_hi, y):
@@ -1321,35 +1304,9 @@ def _nhwc_forward(kind):
         for t in prange(x.shape[0] * out_h):
             n = t // out_h
             oh = t - n * out_h
-            # The ladder is the point: each call passes the pool_range as a
-            # literal constant, and numba.literally in _fwd_row_nhwc compiles
-            # one specialisation per value (0: tile path only) that the kind
-            # of window can have (see _fwd_row).
-            if kind == 0:
-                _fwd_row(x, n, oh, tblT, k, kind, geo, bnd, y, 0)
-            elif k == 1:
-                _fwd_row(x, n, oh, tblT, k, kind, geo, bnd, y, 1)
-            elif k == 2:
-                _fwd_row(x, n, oh, tblT, k, kind, geo, bnd, y, 2)
-            elif k == 3:
-                _fwd_row(x, n, oh, tblT, k, kind, geo, bnd, y, 3)
-            elif k == 4:
-                _fwd_row(x, n, oh, tblT, k, kind, geo, bnd, y, 4)
-            elif k == 5:
-                _fwd_row(x, n, oh, tblT, k, kind, geo, bnd, y, 5)
-            elif k == 6:
-                _fwd_row(x, n, oh, tblT, k, kind, geo, bnd, y, 6)
-            elif k == 7:
-                _fwd_row(x, n, oh, tblT, k, kind, geo, bnd, y, 7)
-            elif k == 8:
-                _fwd_row(x, n, oh, tblT, k, kind, geo, bnd, y, 8)
-            else:
-                _fwd_row(x, n, oh, tblT, k, kind, geo, bnd, y, 9)
+            _fwd_row_nhwc(x, n, oh, tblT, k, kind, geo, bnd, y, kk)
 
     return kernel
-
-
-_FORWARD_NHWC = {kind: _nhwc_forward(kind) for kind in (0, 2, 3)}
 
 
 @njit(inline="always")
@@ -1581,10 +1538,11 @@ def _bwd_rows_nhwc(x, gy, tblT, tpad, k, kind, plain, geo, bnd, row_lo,
 
 
 def _nhwc_backward(kind):
-    """The parallel NHWC backward for one kind of window, as
-    _nhwc_forward. acc[chunk, m, r, c]: float64 partial sums of g * a(r),
-    per chunk; zero: zero the rows of grad_x that windows cover (the
-    caller zeroes the others)."""
+    """The parallel NHWC backward for one kind of window (a constant of
+    the closure, as in _nhwc_forward; a kernel per pool_range as well made
+    each further 3x3 pool_range cost 21 s to compile). acc[chunk, m, r,
+    c]: float64 partial sums of g * a(r), per chunk; zero: zero the rows
+    of grad_x that windows cover (the caller zeroes the others)."""
     @njit(parallel=True, cache=True)
     def kernel(x, gy, tblT, tpad, k, plain, kh, kw, sh, sw, dh, dw, pt, pb,
                pl, pr, has_pad, pad_value, oh_lo, oh_hi, ow_lo, ow_hi,
@@ -2323,8 +2281,9 @@ def forward(x: np.ndarray, w: np.ndarray, p: Problem,
         if y is None:
             y = np.empty((p.batch, g.out_h, g.out_w, p.channels), p.dtype)
         if y.size:
-            _FORWARD_NHWC[kind](xm, tblT, p.pool_range, *_geometry_args(p),
-                                oh_lo, oh_hi, ow_lo, ow_hi, y)
+            kernel = _nhwc_forward(kind, p.pool_range if kind else 0)
+            kernel(xm, tblT, p.pool_range, *_geometry_args(p), oh_lo, oh_hi,
+                   ow_lo, ow_hi, y)
     else:
         if y is None:
             y = np.empty((p.batch, p.channels, g.out_h, g.out_w), p.dtype)
