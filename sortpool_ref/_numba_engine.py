@@ -991,8 +991,8 @@ def _window_3x3_simd(x, gy, tpad, gx, part, xo, go, rs, cs, stores, kk):
     otherwise ranks from the pairwise comparisons (as _bwd_3x3_nhwc's
     ranking path). Then nine stores or adds into grad_x and the block
     sums. Every weight is computed before the first store: a store to
-    grad_x could alias tpad
-    for all LLVM knows, which would repeat its loads for each position."""
+    grad_x could alias tpad for all LLVM knows, which would repeat its
+    loads for each position."""
     channels = tpad.shape[1]
     lanes = VECTOR_BYTES // x.itemsize
     zero = zeros(tpad)
