@@ -43,8 +43,14 @@ Kernels and where they run (docs/performance.md has the measurements):
   (sample, channel) plane per task, innermost loop over the output
   columns. Its grad_w is summed in another order than the NHWC kernel's
   (equal to rounding); y and grad_x are bit-identical across layouts.
-* NCHW geometries other than 2x2 and 3x3, and the other backwards of NCHW
-  data, run the NHWC kernels on a channels-last copy.
+* NCHW backward, every other geometry, where the channels fill whole
+  64-byte vectors: one task per sample and block of channels moves the
+  block's planes of x and grad_y into channels-last scratch (tiles
+  transposed in registers, _simd.transpose), runs the NHWC backward's row
+  function on it and moves grad_x back; the scratch stays in cache.
+* NCHW forwards of geometries other than 2x2 and 3x3, and NCHW backwards
+  whose channels do not fill whole vectors, run the NHWC kernels on a
+  channels-last copy.
 
 Indices in the hot loops count up from 0 (rows are sliced first): Numba
 wraps an index it cannot prove non-negative around per element, as Python
@@ -74,7 +80,7 @@ chunks that depends only on the problem's shape; when windows of neighbouring
 rows overlap, even chunks run first and odd chunks second, so no two tasks
 running at the same time touch the same input row. Weight-gradient partial
 sums are float64, one slot per chunk (and channel), or per plane for the
-NCHW 2x2 backward, reduced in a fixed order afterwards. The register paths
+NCHW backwards, reduced in a fixed order afterwards. The register paths
 and the NCHW 2x2 backward first sum the products in the input's dtype
 over blocks of at most _BLOCK windows (consecutive windows of one output
 row in NHWC, consecutive output rows of one column in NCHW) and add each
@@ -89,12 +95,13 @@ import functools
 from typing import Optional
 
 import numpy as np
-from numba import literally, njit, prange
+from numba import get_num_threads, literally, njit, prange
 from numba.core import types
 from numba.extending import overload
 
 from ._checks import Problem, softmax_table, weight_grad_from_partials
-from ._simd import VECTOR_BYTES, any_lane, full, load, select, store, zeros
+from ._simd import (VECTOR_BYTES, any_lane, full, load, select, store,
+                    transpose, zeros)
 
 
 # --------------------------------------------------------------------------
@@ -1537,30 +1544,127 @@ def _bwd_rows_nhwc(x, gy, tblT, tpad, k, kind, plain, geo, bnd, row_lo,
             in_block = 0
 
 
+@njit(inline="always")
+def _block_in(a, n, c0, s):
+    """s[0, h, w, c] = a[n, c0 + c, h, w] for c < s.shape[3] (a multiple
+    of the lanes): transposed tiles of lanes x lanes, the columns past the
+    last whole tile one by one."""
+    channels, height, width = a.shape[1], a.shape[2], a.shape[3]
+    block = s.shape[3]
+    lanes = VECTOR_BYTES // a.itemsize
+    tiled = width - width % lanes
+    plane = height * width
+    for h in range(height):
+        for cb in range(0, block, lanes):
+            src = ((n * channels + c0 + cb) * height + h) * width
+            dst = h * width * block + cb
+            for j in range(0, tiled, lanes):
+                transpose(a, src + j, plane, s, dst + j * block, block)
+        d = s[0, h]
+        for c in range(block):
+            r = a[n, c0 + c, h]
+            for j in range(tiled, width):
+                d[j, c] = r[j]
+
+
+@njit(inline="always")
+def _block_out(s, a, n, c0):
+    """a[n, c0 + c, h, w] = s[0, h, w, c]: _block_in undone."""
+    channels, height, width = a.shape[1], a.shape[2], a.shape[3]
+    block = s.shape[3]
+    lanes = VECTOR_BYTES // a.itemsize
+    tiled = width - width % lanes
+    plane = height * width
+    for h in range(height):
+        for cb in range(0, block, lanes):
+            src = h * width * block + cb
+            dst = ((n * channels + c0 + cb) * height + h) * width
+            for j in range(0, tiled, lanes):
+                transpose(s, src + j * block, block, a, dst + j, plane)
+        r = s[0, h]
+        for c in range(block):
+            d = a[n, c0 + c, h]
+            for j in range(tiled, width):
+                d[j] = r[j, c]
+
+
 def _nhwc_backward(kind):
-    """The parallel NHWC backward for one kind of window (a constant of
-    the closure, as in _nhwc_forward; a kernel per pool_range as well made
-    each further 3x3 pool_range cost 21 s to compile). acc[chunk, m, r,
-    c]: float64 partial sums of g * a(r), per chunk; zero: zero the rows
-    of grad_x that windows cover (the caller zeroes the others)."""
+    """The parallel backward for one kind of window (a constant of the
+    closure, as in _nhwc_forward; a kernel per pool_range as well made
+    each further 3x3 pool_range cost 21 s to compile), on NHWC memory or
+    (workers > 0) on NCHW memory by blocks of channels.
+
+    NHWC: tbls[0], tpads[0] are the tables (k+1, k, C) and (9, C);
+    acc[chunk, m, r, c] float64 partial sums of g * a(r), per chunk of
+    output rows; zero: zero the rows of grad_x that windows cover (the
+    caller zeroes the others).
+
+    NCHW: each task, one sample and one block of channels (tbls[b] and
+    tpads[b] its tables), moves its input plane and grad_y plane into
+    channels-last scratch arrays (transposed tiles, see _block_in), runs
+    the NHWC rows on them and moves grad_x back; acc[n, m, r, c] per
+    sample. The scratch stays in cache, where channels-last copies of the
+    whole tensors went through memory twice more. The tasks are split
+    evenly over ``workers`` (the thread count), each with scratch of its
+    own; ``uncovered`` marks the input rows no window covers, zeroed in
+    the scratch."""
     @njit(parallel=True, cache=True)
-    def kernel(x, gy, tblT, tpad, k, plain, kh, kw, sh, sw, dh, dw, pt, pb,
+    def kernel(x, gy, tbls, tpads, k, plain, kh, kw, sh, sw, dh, dw, pt, pb,
                pl, pr, has_pad, pad_value, oh_lo, oh_hi, ow_lo, ow_hi,
-               rows_per_chunk, parity_passes, zero, gx, acc):
+               rows_per_chunk, parity_passes, zero, workers, uncovered, gx,
+               acc):
         geo = (kh, kw, sh, sw, dh, dw, pt, pb, pl, pr, has_pad, pad_value)
         bnd = (oh_lo, oh_hi, ow_lo, ow_hi)
+        # One parallel loop and one call of the row function for both
+        # layouts: a second loop compiled the rows a second time (20 s).
+        blocks = workers > 0
         n_rows = x.shape[0] * gy.shape[1]
         n_chunks = acc.shape[0]
-        step = parity_passes
-        for phase in range(parity_passes):
-            n_here = (n_chunks - phase + step - 1) // step
+        batch, _, height, width = x.shape
+        out_h, out_w = gy.shape[2], gy.shape[3]
+        n_blocks, block = tbls.shape[0], tbls.shape[3]
+        n_tasks = batch * n_blocks
+        step = 1 if blocks else parity_passes
+        for phase in range(step):
+            n_here = (workers if blocks
+                      else (n_chunks - phase + step - 1) // step)
             for u in prange(n_here):
                 chunk = phase + u * step
-                row_lo = chunk * rows_per_chunk
-                row_hi = min(row_lo + rows_per_chunk, n_rows)
-                _bwd_rows_nhwc(x, gy, tblT, tpad, k, kind, plain, geo, bnd,
-                               row_lo, row_hi, zero, phase == 1, gx,
-                               acc[chunk])
+                # Scratch (empty for NHWC). The rows read x and grad_y, or
+                # the scratch, through xs and gys; the scratch is written
+                # through bx and bgy, typed apart from a read-only x.
+                m = 1 if blocks else 0
+                bx = np.empty((m, height, width, block), x.dtype)
+                bgy = np.empty((m, out_h, out_w, block), x.dtype)
+                gxs = np.empty((m, height, width, block), x.dtype)
+                accs = np.empty((k + 1, k, block))
+                if blocks:
+                    xs, gys = bx, bgy
+                    t_lo = u * n_tasks // workers
+                    t_hi = (u + 1) * n_tasks // workers
+                else:
+                    xs, gys, gxs, accs = x, gy, gx, acc[chunk]
+                    t_lo, t_hi = 0, 1
+                for t in range(t_lo, t_hi):
+                    n = t // n_blocks
+                    b = t - n * n_blocks
+                    c0 = b * block
+                    row_lo = chunk * rows_per_chunk
+                    row_hi = min(row_lo + rows_per_chunk, n_rows)
+                    if blocks:
+                        _block_in(x, n, c0, bx)
+                        _block_in(gy, n, c0, bgy)
+                        for h in range(height):
+                            if uncovered[h]:
+                                gxs[0, h] = 0.0
+                        accs[...] = 0.0
+                        row_lo, row_hi = 0, out_h
+                    _bwd_rows_nhwc(xs, gys, tbls[b], tpads[b], k, kind, plain,
+                                   geo, bnd, row_lo, row_hi, zero,
+                                   phase == 1, gxs, accs)
+                    if blocks:
+                        _block_out(gxs, gx, n, c0)
+                        acc[n, :, :, c0:c0 + block] = accs
     return kernel
 
 
@@ -2296,6 +2400,27 @@ def forward(x: np.ndarray, w: np.ndarray, p: Problem,
     return _result(y, memory, x, p.layout)
 
 
+# Scratch per array and worker for the NCHW backward by blocks of channels:
+# of 16, 32 and 64 float32 channels of a 112 x 112 plane (0.8, 1.6 and 3.2
+# MB), 32 ran fastest here (L2: 2 MB per core).
+_SCRATCH_BYTES = 1 << 21
+
+
+def _channel_block(p: Problem) -> int:
+    """Channels per block for the NCHW backward by blocks (_nhwc_backward):
+    the most whole vectors that divide the channels and keep one plane of
+    them within _SCRATCH_BYTES (at least one vector), or 0 when the
+    channels do not fill whole vectors."""
+    lanes = VECTOR_BYTES // p.dtype.itemsize
+    if p.channels % lanes:
+        return 0
+    plane = p.geometry.height * p.geometry.width * p.dtype.itemsize
+    vectors = p.channels // lanes
+    fits = [m for m in range(1, vectors + 1)
+            if vectors % m == 0 and m * lanes * plane <= _SCRATCH_BYTES]
+    return lanes * max(fits, default=1)
+
+
 _CHUNKS = 256  # weight-gradient slots; fixed, so results do not depend on
 # the number of threads
 
@@ -2320,30 +2445,37 @@ def backward(grad_y: np.ndarray, x: np.ndarray, w: np.ndarray,
              and g.out_h * g.kernel_h == g.height
              and g.out_w * g.kernel_w == g.width)
     # NCHW memory runs a kernel of its own for 2x2 stride-2 windows that
-    # all lie inside the input; every other NCHW backward runs the NHWC
-    # kernels on a channels-last copy.
+    # all lie inside the input, and the NHWC rows by blocks of channels
+    # (_nhwc_backward) where the channels fill whole vectors; every other
+    # NCHW backward runs the NHWC kernels on a channels-last copy.
     memory = "NHWC"
-    if (kind == 2 and (g.stride_h, g.stride_w) == (2, 2)
-            and (g.dilation_h, g.dilation_w) == (1, 1)
-            and (oh_lo, oh_hi, ow_lo, ow_hi) == (0, g.out_h, 0, g.out_w)
-            and _kernel_memory(x, p) == "NCHW"):
+    block = 0
+    if _memory_layout(x, p.layout) == "NCHW" and p.channels:
         memory = "NCHW"
+        if not (kind == 2 and (g.stride_h, g.stride_w) == (2, 2)
+                and (g.dilation_h, g.dilation_w) == (1, 1)
+                and (oh_lo, oh_hi, ow_lo, ow_hi)
+                == (0, g.out_h, 0, g.out_w)):
+            block = _channel_block(p)
+            if not block:
+                memory = "NHWC"
     xm = _to(x, p.layout, memory, p.dtype)
     gym = _to(np.asarray(grad_y), p.layout, memory, p.dtype)
     gx = _target(out[0], p.layout, memory)
     direct = gx is not None
     if gx is None:
         gx = np.empty(xm.shape, dtype=p.dtype)
-    if not tiles and memory == "NHWC":
-        # The kernel zeroes each row that windows cover just before its
-        # first use (_rows_to_zero); the rows no window covers are zeroed
-        # here.
+    # The rows of grad_x that no window covers: zeroed here, or (blocks of
+    # channels) in the kernel's scratch; the kernel zeroes each row that
+    # windows cover just before its first use (_rows_to_zero).
+    uncovered = np.zeros(g.height, dtype=bool)
+    if not tiles:
         ext = (g.kernel_h - 1) * g.dilation_h + 1
-        starts = np.arange(g.out_h) * g.stride_h - g.pad_top
-        covered = np.zeros(g.height, dtype=bool)
-        for h0 in starts:
-            covered[max(0, h0):max(0, h0 + ext)] = True
-        gx[:, ~covered] = 0
+        uncovered[:] = True
+        for h0 in np.arange(g.out_h) * g.stride_h - g.pad_top:
+            uncovered[max(0, h0):max(0, h0 + ext)] = False
+        if memory == "NHWC":
+            gx[:, uncovered] = 0
     rows = p.batch * g.out_h
     rows_per_chunk = max(1, -(-rows // _CHUNKS))
     passes = 1
@@ -2354,19 +2486,30 @@ def backward(grad_y: np.ndarray, x: np.ndarray, w: np.ndarray,
         passes = 2
     n_chunks = -(-rows // rows_per_chunk) if rows else 0
     if memory == "NCHW":
-        # Partial sums per (sample, channel) plane.
+        # Partial sums per (sample, channel).
         acc = np.zeros((p.batch, k + 1, k, p.channels))
-        if gx.size and rows:
-            _backward_nchw_2x2(xm, gym, table, p.per_channel, k, gx, acc)
     else:
         acc = np.zeros((n_chunks, k + 1, k, p.channels))
-    if memory == "NHWC" and gx.size and rows:
+    if memory == "NCHW" and not block:
+        if gx.size and rows:
+            _backward_nchw_2x2(xm, gym, table, p.per_channel, k, gx, acc)
+    elif gx.size and rows:
         tpad = np.zeros((9, p.channels), p.dtype)
         if kind:  # register paths: k <= window size <= 9
             tpad[:k] = tblT[k]
-        _BACKWARD_NHWC[kind](xm, gym, tblT, tpad, k, plain,
+        if block:
+            nb = p.channels // block
+            tbls = np.ascontiguousarray(
+                tblT.reshape(k + 1, k, nb, block).transpose(2, 0, 1, 3))
+            tpads = np.ascontiguousarray(
+                tpad.reshape(9, nb, block).transpose(1, 0, 2))
+            workers = get_num_threads()
+        else:
+            tbls, tpads, workers = tblT[None], tpad[None], 0
+        _BACKWARD_NHWC[kind](xm, gym, tbls, tpads, k, plain,
                              *_geometry_args(p), oh_lo, oh_hi, ow_lo, ow_hi,
-                             rows_per_chunk, passes, not tiles, gx, acc)
+                             rows_per_chunk, passes, not tiles, workers,
+                             uncovered, gx, acc)
     with np.errstate(invalid="ignore", over="ignore"):
         per_channel = acc.sum(axis=0)            # (k+1, k, C)
         if not p.per_channel:

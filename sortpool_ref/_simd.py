@@ -6,7 +6,8 @@ machines with narrower vectors) and a ``Mask`` the result of comparing two
 of them, one bit per lane. In ``@njit`` code they are made by ``load`` and
 used with the operators ``<``, ``>=``, ``==``, ``!=``, ``+``, ``*``
 (vectors) and ``|`` (masks), and with ``select``, ``any_lane``, ``store``;
-``zeros`` and ``full`` make constant vectors.
+``zeros`` and ``full`` make constant vectors. ``transpose`` moves a
+square tile of lanes x lanes elements between two arrays, transposed.
 
 Why not loops that LLVM vectorises, as elsewhere in the engine: a 3x3
 window reads nine rows and writes nine, and LLVM gives up on proving that
@@ -105,6 +106,65 @@ def store(typingctx, arr, i, v):
                       align=1)
         return context.get_dummy_value()
     return types.none(arr, i, v), codegen
+
+
+@intrinsic
+def transpose(typingctx, src, i, src_step, dst, j, dst_step):
+    """dst.flat[j + b * dst_step + a] = src.flat[i + a * src_step + b] for
+    a, b in range(lanes): lanes vectors loaded, transposed in registers and
+    stored (both arrays C-contiguous, of one dtype; nothing is checked).
+
+    The transposition swaps one bit of the row index with the same bit of
+    the lane index per stage (lanes 1, 2, 4, ... apart): each stage is a
+    two-vector shuffle per vector with a constant mask, log2(lanes) stages
+    in all (64 shuffles for 16 float32 lanes), where element by element
+    every value costs a load and a store of its own."""
+    ints = all(isinstance(t, types.Integer)
+               for t in (i, src_step, j, dst_step))
+    if not (ints and _c_float_array(src) and _c_float_array(dst)
+            and src.dtype == dst.dtype):
+        return None
+
+    def codegen(context, builder, sig, args):
+        lanes = Vec(sig.args[0].dtype).lanes
+        intp = context.get_value_type(types.intp)
+        i0, si, j0, sj = (context.cast(builder, args[a], sig.args[a],
+                                       types.intp) for a in (1, 2, 4, 5))
+        vec = ir.VectorType(context.get_value_type(sig.args[0].dtype),
+                            lanes)
+        src_a = context.make_array(sig.args[0])(context, builder, args[0])
+        dst_a = context.make_array(sig.args[3])(context, builder, args[3])
+
+        def row(arr, start, step, r):
+            at = builder.add(start, builder.mul(step, ir.Constant(intp, r)))
+            ptr = builder.gep(arr.data, [at], inbounds=True)
+            return builder.bitcast(ptr, vec.as_pointer())
+
+        rows = [builder.load(row(src_a, i0, si, r), align=1)
+                for r in range(lanes)]
+        mask = ir.VectorType(ir.IntType(32), lanes)
+        bit = 1
+        while bit < lanes:
+            # Rows r and r + bit (bit clear in r) trade the lanes with the
+            # bit set in the first for those with it clear in the second.
+            low = [q if not q & bit else lanes + q - bit
+                   for q in range(lanes)]
+            high = [q + bit if not q & bit else lanes + q
+                    for q in range(lanes)]
+            swapped = list(rows)
+            for r in range(lanes):
+                if not r & bit:
+                    a, b = rows[r], rows[r + bit]
+                    swapped[r] = builder.shuffle_vector(
+                        a, b, ir.Constant(mask, low))
+                    swapped[r + bit] = builder.shuffle_vector(
+                        a, b, ir.Constant(mask, high))
+            rows = swapped
+            bit *= 2
+        for r in range(lanes):
+            builder.store(rows[r], row(dst_a, j0, sj, r), align=1)
+        return context.get_dummy_value()
+    return types.none(src, i, src_step, dst, j, dst_step), codegen
 
 
 @intrinsic

@@ -7,13 +7,14 @@ geometry, padding, pad_value), the NCHW 2x2 forward (register path inside,
 scalar path on the borders), the NCHW 3x3 forward (padded rows, windows that
 keep fewer ranks than pool_range redone one by one), the NCHW 2x2 stride-2
 backward where every window lies inside the input ("2x2"), the 3x3
-backward in explicit vectors where the channels fill whole vectors, and
-NHWC kernels on a channels-last copy for the other NCHW geometries and
-backwards. Each
-geometry below is chosen to hit some of them; every one is
-compared with the reference on values with NaN, infinities, signed zeros and
-ties, for every pool_range, both layouts, both dtypes and both weight shapes,
-and checked for bit-identical results across calls and thread counts.
+backward in explicit vectors where the channels fill whole vectors, the
+other NCHW backwards by blocks of channels (NHWC rows on transposed
+tiles) where the channels fill whole vectors, and NHWC kernels on a
+channels-last copy for the rest. Each geometry below is chosen to hit some
+of them; every one is compared with the reference on values with NaN,
+infinities, signed zeros and ties, for every pool_range, both layouts,
+both dtypes and both weight shapes, and checked for bit-identical results
+across calls and thread counts.
 """
 
 import itertools
@@ -394,14 +395,17 @@ def _bits(a):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
 @pytest.mark.parametrize("name", ["2x2", "2x2 p1", "3x3 s2 p1", "3x3 s1 d2"])
-def test_bit_identical_across_calls_and_threads(name, layout, dtype):
+@pytest.mark.parametrize("channels", [6, 16])
+def test_bit_identical_across_calls_and_threads(name, layout, dtype,
+                                                channels):
     geo, _ = GEOMETRIES[name]
     # Enough rows for several weight-gradient chunks and parity passes; odd
     # and even sizes (2x2 windows tile the even one: the NCHW backward
-    # kernel, and grad_x stored without zeroing).
+    # kernel, and grad_x stored without zeroing). 16 channels: whole
+    # vectors (the NCHW backward by blocks of channels).
     for height, width in ((21, 17), (22, 18)):
-        shape = ((3, height, width, 6) if layout == "NHWC"
-                 else (3, 6, height, width))
+        shape = ((3, height, width, channels) if layout == "NHWC"
+                 else (3, channels, height, width))
         x = array_of("ties", shape, dtype, 11)
         channels = shape[3] if layout == "NHWC" else shape[1]
         w = np.random.default_rng(2).normal(size=(channels, 3))
@@ -446,3 +450,70 @@ def test_nchw_2x2_backward_runs_without_copies(dtype, per_channel,
         got, _ = engine.backward(gy, x, w, p, out=(gx, None))
         assert got is gx
         np.testing.assert_array_equal(gx, engine.backward(gy, x, w, p)[0])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", list(GEOMETRIES))
+def test_nchw_backward_by_channel_blocks(name, dtype, monkeypatch):
+    """NCHW backwards other than the 2x2 stride-2 kernel's, with channels
+    that fill whole vectors, run by blocks of channels without a
+    channels-last copy of any tensor: scratch for one vector of channels
+    at a time (three blocks), every kind of values and pool_range, a
+    fresh grad_x and an out= one full of NaN, against the reference. The
+    widths put columns past the last whole transposed tile."""
+    def no_copy(*args):
+        raise AssertionError("copied to channels-last")
+
+    monkeypatch.setattr(engine, "_SCRATCH_BYTES", 1)
+    lanes = VECTOR_BYTES // np.dtype(dtype).itemsize
+    channels = 3 * lanes
+    geo, (height, width) = GEOMETRIES[name]
+    shape = (2, channels, height + lanes, width + lanes + 3)
+    window = np.prod(np.broadcast_to(geo["kernel_size"], 2))
+    rng = np.random.default_rng(40)
+    for seed, (values, k) in enumerate(itertools.product(
+            VALUES, sorted({1, 2, window}))):
+        x = array_of(values, shape, dtype, seed)
+        w = _weights(rng, channels, k, seed % 2 == 1)
+        p = _problem(x, w, "NCHW", geo)
+        assert engine._channel_block(p) == lanes
+        gy = array_of("normal", p.out_shape, dtype, seed + 50)
+        # (The forwards of windows other than 2x2 and 3x3 run on a
+        # channels-last copy.)
+        _compare(x, w, p, gy, f"{values} k={k}")
+        with monkeypatch.context() as m:
+            m.setattr(engine, "_nchw_to_nhwc", no_copy)
+            m.setattr(engine, "_nhwc_to_nchw", no_copy)
+            gx = np.full_like(x, np.nan)
+            got, gw = engine.backward(gy, x, w, p, out=(gx, None))
+            assert got is gx
+            fresh, gw_fresh = engine.backward(gy, x, w, p)
+            # One block of all channels (the NCHW 2x2 kernel for "2x2"):
+            # the same numbers, bit for bit (each channel's sums run in the
+            # same order).
+            m.setattr(engine, "_SCRATCH_BYTES", 1 << 30)
+            whole, gw_whole = engine.backward(gy, x, w, p)
+        for a, b in ((gx, fresh), (gw, gw_fresh), (whole, fresh),
+                     (gw_whole, gw_fresh)):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_channel_block_sizes():
+    """The most whole vectors that divide the channels and fit the
+    scratch budget; at least one vector; 0 without whole vectors."""
+    def block(channels, height, width, dtype=np.float32):
+        x_shape = (1, channels, height, width)
+        w = np.ones(2)
+        p = make_problem(x_shape, dtype, w.shape, w.dtype, layout="NCHW",
+                         kernel_size=3, stride=2, padding=1)
+        return engine._channel_block(p)
+
+    budget = engine._SCRATCH_BYTES
+    lanes = VECTOR_BYTES // 4
+    side = int((budget // (4 * 2 * lanes)) ** 0.5)  # two vectors fit
+    assert block(8 * lanes, side, side) == 2 * lanes
+    assert block(3 * lanes, side, side) == lanes  # 2 does not divide 3
+    assert block(lanes, 4 * side, 4 * side) == lanes
+    assert block(4 * lanes, 2, 2) == 4 * lanes
+    assert block(lanes + 1, 2, 2) == 0
+    assert block(8 * (VECTOR_BYTES // 8), 2, 2, np.float64) == 64

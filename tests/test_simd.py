@@ -8,7 +8,7 @@ import pytest
 from numba import njit
 
 from sortpool_ref._simd import (VECTOR_BYTES, any_lane, full, load, select,
-                                store, zeros)
+                                store, transpose, zeros)
 
 POOL = np.array([np.nan, np.inf, -np.inf, 1.0, -1.0, 0.0, -0.0, 2.5, 1e-30])
 
@@ -76,3 +76,33 @@ def test_vector_operations_are_the_ieee_ones(dtype):
 def test_select_of_scalars_is_the_conditional_expression():
     assert _scalar_select(True, 1.0, 2.0) == 1.0
     assert _scalar_select(False, 1.0, 2.0) == 2.0
+
+
+@njit
+def _transpose(src, i, src_step, dst, j, dst_step):
+    transpose(src, i, src_step, dst, j, dst_step)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_transpose_moves_a_tile(dtype):
+    """A lanes x lanes tile at any offset and row steps, transposed into
+    another array bit for bit (NaN payloads and signed zeros included);
+    everything outside the target tile is left alone."""
+    lanes = VECTOR_BYTES // np.dtype(dtype).itemsize
+    rng = np.random.default_rng(1)
+    uint = f"u{np.dtype(dtype).itemsize}"
+    for i, src_step, j, dst_step in ((0, lanes, 0, lanes),
+                                     (3, lanes + 5, 7, 2 * lanes + 1),
+                                     (11, 3 * lanes, 1, lanes + 2)):
+        src = rng.integers(0, 2**31, size=i + lanes * src_step).astype(
+            uint).view(dtype)  # every bit pattern, NaNs among them
+        src[i] = -0.0
+        dst = np.full(j + lanes * dst_step, 7.0, dtype)
+        _transpose(src, i, src_step, dst, j, dst_step)
+        tile = np.lib.stride_tricks.as_strided(
+            src[i:], (lanes, lanes), (src_step * src.itemsize, src.itemsize))
+        want = np.full_like(dst, 7.0)
+        np.lib.stride_tricks.as_strided(
+            want[j:], (lanes, lanes),
+            (dst_step * dst.itemsize, dst.itemsize))[...] = tile.T
+        np.testing.assert_array_equal(dst.view(uint), want.view(uint))
