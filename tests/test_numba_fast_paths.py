@@ -459,12 +459,14 @@ def test_nchw_backward_by_channel_blocks(name, dtype, monkeypatch):
     that fill whole vectors, run by blocks of channels without a
     channels-last copy of any tensor: scratch for one vector of channels
     at a time (three blocks), every kind of values and pool_range, a
-    fresh grad_x and an out= one full of NaN, against the reference. The
-    widths put columns past the last whole transposed tile."""
+    fresh grad_x and an out= one full of NaN, against the reference; bands
+    of as few output rows as the windows allow. The widths put columns
+    past the last whole transposed tile."""
     def no_copy(*args):
         raise AssertionError("copied to channels-last")
 
     monkeypatch.setattr(engine, "_SCRATCH_BYTES", 1)
+    monkeypatch.setattr(engine, "_BAND_ROWS", 1)
     lanes = VECTOR_BYTES // np.dtype(dtype).itemsize
     channels = 3 * lanes
     geo, (height, width) = GEOMETRIES[name]
@@ -488,10 +490,11 @@ def test_nchw_backward_by_channel_blocks(name, dtype, monkeypatch):
             got, gw = engine.backward(gy, x, w, p, out=(gx, None))
             assert got is gx
             fresh, gw_fresh = engine.backward(gy, x, w, p)
-            # One block of all channels (the NCHW 2x2 kernel for "2x2"):
-            # the same numbers, bit for bit (each channel's sums run in the
-            # same order).
+            # One block of all channels, one band (the NCHW 2x2 kernel for
+            # "2x2"): the same numbers (each channel's sums run in the same
+            # order).
             m.setattr(engine, "_SCRATCH_BYTES", 1 << 30)
+            m.setattr(engine, "_BAND_ROWS", 1 << 30)
             whole, gw_whole = engine.backward(gy, x, w, p)
         for a, b in ((gx, fresh), (gw, gw_fresh), (whole, fresh),
                      (gw_whole, gw_fresh)):
