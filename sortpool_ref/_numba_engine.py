@@ -1547,8 +1547,8 @@ def _bwd_rows_nhwc(x, gy, tblT, tpad, k, kind, plain, geo, bnd, row_lo,
 @njit(inline="always")
 def _block_in(a, n, c0, s, h_lo, h_hi):
     """s[0, h, w, c] = a[n, c0 + c, h, w] for h_lo <= h < h_hi and c <
-    s.shape[3] (a multiple of the lanes): transposed tiles of lanes x lanes, the columns past the
-    last whole tile one by one."""
+    s.shape[3] (a multiple of the lanes): transposed tiles of lanes x
+    lanes, the columns past the last whole tile one by one."""
     channels, height, width = a.shape[1], a.shape[2], a.shape[3]
     block = s.shape[3]
     lanes = VECTOR_BYTES // a.itemsize
