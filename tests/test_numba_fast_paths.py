@@ -5,7 +5,8 @@ different windows: the 2x2 and 3x3 register paths (NHWC) for windows
 inside the input, the channel-tile path for every other NHWC window (any
 geometry, padding, pad_value), the NCHW 2x2 forward (register path inside,
 scalar path on the borders), the NCHW 3x3 forward (padded rows, windows that
-keep fewer ranks than pool_range redone one by one), the NCHW 2x2 stride-2
+keep fewer ranks than pool_range redone one by one; by blocks of channels,
+as the backward below, for pool_range 7-9), the NCHW 2x2 stride-2
 backward where every window lies inside the input ("2x2"), the 3x3
 backward in explicit vectors where the channels fill whole vectors, the
 other NCHW backwards by blocks of channels (NHWC rows on transposed
@@ -501,6 +502,40 @@ def test_nchw_backward_by_channel_blocks(name, dtype, monkeypatch):
             np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nchw_3x3_forward_by_channel_blocks(dtype, monkeypatch):
+    """NCHW 3x3 forwards keeping 7 ranks or more, with channels that
+    fill whole vectors, run by blocks of channels (one vector each here:
+    three blocks) without a channels-last copy: every 3x3 geometry and
+    kind of values against the reference, and bit for bit the NHWC
+    forward of the same data (the same row function)."""
+    def no_copy(*args):
+        raise AssertionError("copied to channels-last")
+
+    monkeypatch.setattr(engine, "_SCRATCH_BYTES", 1)
+    lanes = VECTOR_BYTES // np.dtype(dtype).itemsize
+    channels = 3 * lanes
+    rng = np.random.default_rng(41)
+    names = [name for name in GEOMETRIES if name.startswith("3x3")]
+    for seed, (name, values, k) in enumerate(itertools.product(
+            names, VALUES, (7, 9))):
+        geo, (height, width) = GEOMETRIES[name]
+        x = array_of(values, (2, channels, height + 2, width + lanes + 3),
+                     dtype, seed)
+        w = _weights(rng, channels, k, seed % 2 == 1)
+        p = _problem(x, w, "NCHW", geo)
+        with monkeypatch.context() as m:
+            m.setattr(engine, "_nchw_to_nhwc", no_copy)
+            m.setattr(engine, "_nhwc_to_nchw", no_copy)
+            m.setattr(engine, "_forward_nchw_3x3", no_copy)
+            y = engine.forward(x, w, p)
+        assert_close(y, reference.forward(x, w, p), dtype,
+                     tolerance_scale("y", x, w), f"{name} {values} k={k}")
+        x_nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+        y_nhwc = engine.forward(x_nhwc, w, _problem(x_nhwc, w, "NHWC", geo))
+        assert _bits(y) == _bits(y_nhwc.transpose(0, 3, 1, 2))
+
+
 def test_channel_block_sizes():
     """The most whole vectors that divide the channels and fit the
     scratch budget; at least one vector; 0 without whole vectors."""
@@ -519,4 +554,5 @@ def test_channel_block_sizes():
     assert block(lanes, 4 * side, 4 * side) == lanes
     assert block(4 * lanes, 2, 2) == 4 * lanes
     assert block(lanes + 1, 2, 2) == 0
+    assert block(0, 2, 2) == 0
     assert block(8 * (VECTOR_BYTES // 8), 2, 2, np.float64) == 64
