@@ -1637,7 +1637,11 @@ def _nhwc_backward(kind):
                 chunk = phase + u * step
                 # Scratch (empty for NHWC). The rows read x and grad_y, or
                 # the scratch, through xs and gys; the scratch is written
-                # through bx and bgy, typed apart from a read-only x.
+                # through bx and bgy, typed apart from a read-only x. Numba
+                # hoists these allocations out of the loop into the
+                # function each worker runs over its share of iterations
+                # (parallel_diagnostics, "Allocation hoisting"): a worker
+                # reuses its own scratch, never another's.
                 m = 1 if blocks else 0
                 bx = np.empty((m, height, width, block), x.dtype)
                 bgy = np.empty((m, out_h, out_w, block), x.dtype)
@@ -1731,6 +1735,7 @@ def _nchw_forward_blocks(kind, kk):
         n_tasks = batch * n_blocks
         ext = (kh - 1) * dh + 1
         for u in prange(workers):
+            # Scratch per worker (hoisted as in _nhwc_backward).
             bx = np.empty((1, height, width, block), x.dtype)
             by = np.empty((1, out_h, out_w, block), x.dtype)
             for t in range(u * n_tasks // workers,
