@@ -94,9 +94,14 @@ def test_transpose_moves_a_tile(dtype):
     for i, src_step, j, dst_step in ((0, lanes, 0, lanes),
                                      (3, lanes + 5, 7, 2 * lanes + 1),
                                      (11, 3 * lanes, 1, lanes + 2)):
-        src = rng.integers(0, 2**31, size=i + lanes * src_step).astype(
-            uint).view(dtype)  # every bit pattern, NaNs among them
+        # Random bit patterns over the whole width, and in the tile a NaN
+        # with a payload, -inf and -0.0.
+        bits = rng.integers(0, np.iinfo(uint).max, endpoint=True,
+                            size=i + lanes * src_step, dtype=uint)
+        bits[i + 1] = 0x7FC00123 if uint == "u4" else 0x7FF8000000000123
+        src = bits.view(dtype)
         src[i] = -0.0
+        src[i + src_step + 2] = -np.inf
         dst = np.full(j + lanes * dst_step, 7.0, dtype)
         _transpose(src, i, src_step, dst, j, dst_step)
         tile = np.lib.stride_tricks.as_strided(
