@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import (Any, Callable, Dict, List, Optional, Sequence,
+                    Tuple)
 
 import numpy as np
 
@@ -40,6 +41,21 @@ NETWORK_WINDOWS = (4, 9)
 INSERTION_CAPACITIES = (1, 2, 4, 8, 16)
 VARIANTS = tuple([(w, w) for w in NETWORK_WINDOWS]
                  + [(0, c) for c in INSERTION_CAPACITIES] + [(0, 0)])
+
+#: (kernel size, stride) of the square windows, with dilation 1, whose
+#: kernels are also instantiated with the geometry fixed at compile time
+#: (template arguments KS, ST): every tap of a window loaded once, loops
+#: unrolled, no division by a runtime stride.
+FIXED_GEOMETRIES = ((2, 2), (3, 2))
+
+#: Channels per vector load and store (16 bytes) in the fixed-geometry
+#: kernels, where the channels are contiguous and aligned; 1 elsewhere.
+VECTOR_WIDTHS = {np.dtype(np.float32): 4, np.dtype(np.float64): 2}
+
+#: Registers (values held per thread) that the weight-gradient kernel may
+#: spend on its per-channel partial sums: channel vectors are narrowed to
+#: one channel where the ranking capacity times the width exceeds it.
+GRAD_W_LANE_BUDGET = 16
 
 _GEOMETRY = [(name, "int") for name in (
     "N", "C", "H", "W", "out_h", "out_w", "kh", "kw", "sh", "sw", "dh", "dw",
@@ -134,25 +150,65 @@ def variant_for(window_size: int, pool_range: int) -> Tuple[int, int]:
 
 
 def name_expression(kernel: str, dtype: Any = None,
-                    variant: Optional[Tuple[int, int]] = None) -> str:
+                    variant: Optional[Tuple[int, int]] = None,
+                    fixed: Optional[Tuple[int, int]] = None,
+                    width: int = 1) -> str:
     """The C++ name of one instantiation, as given to ``name_expressions``
-    and to ``RawModule.get_function`` (the two must match exactly)."""
+    and to ``RawModule.get_function`` (the two must match exactly).
+
+    ``fixed`` is a (kernel size, stride) of :data:`FIXED_GEOMETRIES` and
+    ``width`` the channels per vector, for the kernels that take them.
+    """
     if kernel in PLAIN_KERNELS:
         return kernel
+    if fixed is None and width != 1:
+        raise ValueError("channel vectors need a fixed geometry")
+    tail = "" if fixed is None else f", {fixed[0]}, {fixed[1]}, {width}"
+    if kernel == "sortpool_backward_x_gather":
+        return f"{kernel}<{c_type(dtype)}{tail}>"
     if kernel in DTYPE_KERNELS:
         return f"{kernel}<{c_type(dtype)}>"
     if kernel in VARIANT_KERNELS:
         win, kmax = variant
-        return f"{kernel}<{c_type(dtype)}, {win}, {kmax}>"
+        return f"{kernel}<{c_type(dtype)}, {win}, {kmax}{tail}>"
     raise ValueError(f"unknown kernel {kernel!r}")
+
+
+def fixed_variants(kernel_size: int) -> Tuple[Tuple[int, int], ...]:
+    """The variants :func:`variant_for` picks for a square window of this
+    size: those instantiated with the geometry fixed."""
+    window = kernel_size * kernel_size
+    found: List[Tuple[int, int]] = []
+    for k in range(1, window + 1):
+        if variant_for(window, k) not in found:
+            found.append(variant_for(window, k))
+    return tuple(found)
+
+
+def _fixed_name_expressions(dtype: Any,
+                            variant: Tuple[int, int]) -> List[str]:
+    names = []
+    for fixed in FIXED_GEOMETRIES:
+        if variant not in fixed_variants(fixed[0]):
+            continue
+        for width in (1, VECTOR_WIDTHS[np.dtype(dtype)]):
+            names += [name_expression(k, dtype, variant, fixed, width)
+                      for k in VARIANT_KERNELS]
+            names.append(name_expression("sortpool_backward_x_gather",
+                                         dtype, None, fixed, width))
+    return names
 
 
 def module_name_expressions(dtype: Any,
                             variant: Tuple[int, int]) -> List[str]:
     """Every instantiation a problem of this dtype and variant may launch."""
-    return ([name_expression(k, dtype, variant) for k in VARIANT_KERNELS]
-            + [name_expression(k, dtype) for k in DTYPE_KERNELS]
-            + [name_expression(k) for k in PLAIN_KERNELS])
+    names = ([name_expression(k, dtype, variant) for k in VARIANT_KERNELS]
+             + [name_expression(k, dtype) for k in DTYPE_KERNELS]
+             + [name_expression(k) for k in PLAIN_KERNELS])
+    for name in _fixed_name_expressions(dtype, variant):
+        if name not in names:
+            names.append(name)
+    return names
 
 
 def all_name_expressions() -> List[str]:
@@ -182,6 +238,48 @@ def pack_args(kernel: str, dtype: Any, values: Dict[str, Any]) -> tuple:
                                 f"a C int")
         args.append(scalar[kind](value))
     return tuple(args)
+
+
+def fixed_geometry(g: Geometry) -> Optional[Tuple[int, int]]:
+    """(kernel size, stride) where the geometry is one of
+    :data:`FIXED_GEOMETRIES`, else None."""
+    for size, stride in FIXED_GEOMETRIES:
+        if (g.kernel_h == g.kernel_w == size
+                and g.stride_h == g.stride_w == stride
+                and g.dilation_h == g.dilation_w == 1):
+            return size, stride
+    return None
+
+
+def _address(a: Any) -> int:
+    data = a.data
+    return data.ptr if hasattr(data, "ptr") else a.ctypes.data
+
+
+def vector_width(dtype: Any, channels: int,
+                 arrays: Sequence[Tuple[Any, Dict[str, int]]]) -> int:
+    """Channels per vector access that every array allows: the widest of
+    (:data:`VECTOR_WIDTHS`, 1) such that the channels are contiguous,
+    their count and the other strides are multiples of it and each array
+    starts on a vector boundary. ``arrays`` holds (array, its strides in
+    elements along n, h, w, c)."""
+    dtype = np.dtype(dtype)
+    width = VECTOR_WIDTHS[dtype]
+    ok = channels % width == 0 and all(
+        strides["c"] == 1
+        and all(strides[axis] % width == 0 for axis in "nhw")
+        and _address(a) % (width * dtype.itemsize) == 0
+        for a, strides in arrays)
+    return width if ok else 1
+
+
+def grad_w_width(variant: Tuple[int, int], width: int) -> int:
+    """The channel vector width of the weight-gradient kernel: ``width``
+    unless its partial sums (capacity x width) would exceed
+    :data:`GRAD_W_LANE_BUDGET`, then 1."""
+    win, kmax = variant
+    capacity = win if win > 0 else max(kmax, 1)
+    return width if capacity * width <= GRAD_W_LANE_BUDGET else 1
 
 
 def grid_for(total: int, config: LaunchConfig) -> int:
@@ -273,16 +371,30 @@ class Plan:
         self.cw_count = p.channels if p.per_channel else 1
 
     def _run(self, kernel: str, total: int, values: Dict[str, Any],
-             variant: Optional[Tuple[int, int]] = None) -> None:
+             variant: Optional[Tuple[int, int]] = None,
+             fixed: Optional[Tuple[int, int]] = None,
+             width: int = 1) -> None:
         if kernel in PLAIN_KERNELS:
             name = name_expression(kernel)
-        elif kernel in DTYPE_KERNELS:
-            name = name_expression(kernel, self.dtype)
         else:
-            name = name_expression(kernel, self.dtype, variant)
+            name = name_expression(kernel, self.dtype, variant, fixed, width)
         args = pack_args(kernel, self.dtype, values)
         self.launch(name, grid_for(total, self.config), self.config.block,
                     args)
+
+    def fixed(self) -> Optional[Tuple[int, int]]:
+        """(kernel size, stride) of the fixed-geometry kernels that serve
+        this problem with its ranking variant, or None."""
+        fixed = fixed_geometry(self.p.geometry)
+        if fixed is None or self.variant not in fixed_variants(fixed[0]):
+            return None
+        return fixed
+
+    def _width(self, fixed: Optional[Tuple[int, int]],
+               arrays: Sequence[Tuple[Any, Dict[str, int]]]) -> int:
+        if fixed is None:
+            return 1
+        return vector_width(self.dtype, self.p.channels, arrays)
 
     def rank_weights(self, w: Any) -> Tuple[Any, Any]:
         """(table in the compute dtype, table in float64), each of shape
@@ -308,11 +420,14 @@ class Plan:
             return y
         table, _ = self.rank_weights(w)
         xs = element_strides(x, p.layout)
+        ys = element_strides(y, p.layout)
         values = dict(self.values, x=x, table=table, y=y,
                       channels_inner=self._inner(xs),
-                      **_prefixed("xs", xs),
-                      **_prefixed("ys", element_strides(y, p.layout)))
-        self._run("sortpool_forward", y.size, values, self.variant)
+                      **_prefixed("xs", xs), **_prefixed("ys", ys))
+        fixed = self.fixed()
+        width = self._width(fixed, [(x, xs), (y, ys)])
+        self._run("sortpool_forward", y.size // width, values, self.variant,
+                  fixed, width)
         return y
 
     def backward(self, grad_y: Any, x: Any, w: Any) -> Tuple[Any, Any]:
@@ -325,16 +440,20 @@ class Plan:
             return grad_x, grad_w.reshape(w.shape).astype(p.weight_dtype)
         table, table64 = self.rank_weights(w)
         xs = element_strides(x, p.layout)
+        gs = element_strides(gy, p.layout)
+        gxs = element_strides(grad_x, p.layout)
         values = dict(self.values, x=x, gy=gy, table=table, gx=grad_x,
                       channels_inner=self._inner(xs),
-                      **_prefixed("xs", xs),
-                      **_prefixed("gs", element_strides(gy, p.layout)),
-                      **_prefixed("gxs", element_strides(grad_x, p.layout)))
+                      **_prefixed("xs", xs), **_prefixed("gs", gs),
+                      **_prefixed("gxs", gxs))
+        fixed = self.fixed()
+        width = self._width(fixed, [(x, xs), (gy, gs), (grad_x, gxs)])
         if windows_own_inputs(g):
-            self._run("sortpool_backward_x_owned", gy.size, values,
-                      self.variant)
+            self._run("sortpool_backward_x_owned", gy.size // width, values,
+                      self.variant, fixed, width)
         else:
-            self._run("sortpool_backward_x_gather", grad_x.size, values)
+            self._run("sortpool_backward_x_gather", grad_x.size // width,
+                      values, None, fixed, width)
 
         # dL/dw: per-column partials, then sums over columns in fixed
         # order, then the softmax formula.
@@ -344,8 +463,10 @@ class Plan:
         rows = self.cw_count * slots
         partials = xp.zeros((rows, cols), dtype=xp.float64)
         values = dict(values, columns_per_channel=q, partials=partials)
-        self._run("sortpool_grad_w_partials", p.channels * q, values,
-                  self.variant)
+        # the same columns, summed in the same order, whatever the width
+        gw_width = grad_w_width(self.variant, width)
+        self._run("sortpool_grad_w_partials", p.channels * q // gw_width,
+                  values, self.variant, fixed, gw_width)
         sums = partials
         while cols > 1:
             group = min(self.config.reduce_group, cols)

@@ -46,6 +46,45 @@ struct SpGeometry {
     {N, C, H, W, out_h, out_w, kh, kw, sh, sw, dh, dw, pt, pb, pl, pr,      \
      has_pad, k}
 
+// The geometry with the kernel size and stride fixed at compile time
+// (square KS x KS windows, stride ST on both axes, dilation 1): the fields
+// below hide SpGeometry's, so that code templated on the geometry type G
+// reads them as constants (loops unroll, divisions become shifts).
+// SpFixed<0, 0> is the runtime geometry itself.
+template <int KS, int ST>
+struct SpFixed : SpGeometry {
+    static constexpr int kh = KS, kw = KS, sh = ST, sw = ST, dh = 1, dw = 1;
+};
+
+template <>
+struct SpFixed<0, 0> : SpGeometry {};
+
+// V consecutive channels, loaded and stored as one aligned vector (one
+// 16-byte access for 4 floats or 2 doubles); the caller guarantees the
+// alignment (sortpool_ref.gpu._plan.vector_width).
+template <typename T, int V>
+struct alignas(sizeof(T) * V) SpVec {
+    T v[V];
+};
+
+template <typename T, int V>
+__device__ __forceinline__ SpVec<T, V> sp_vload(const T* p) {
+    return *reinterpret_cast<const SpVec<T, V>*>(p);
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void sp_vstore(T* p, const SpVec<T, V>& a) {
+    *reinterpret_cast<SpVec<T, V>*>(p) = a;
+}
+
+template <typename T, int V>
+__device__ __forceinline__ SpVec<T, V> sp_vfill(T value) {
+    SpVec<T, V> a;
+#pragma unroll
+    for (int l = 0; l < V; ++l) a.v[l] = value;
+    return a;
+}
+
 __device__ __forceinline__ sp_i64 sp_first_index() {
     return (sp_i64)blockIdx.x * blockDim.x + threadIdx.x;
 }
@@ -101,9 +140,9 @@ __device__ __forceinline__ bool sp_ranks_above(T va, int sa, T vb, int sb) {
 // Value at padded-plane position (h, col) of one (n, c) plane; false when
 // the position is not part of windows (outside the input and, without
 // pad_value, any padding).
-template <typename T>
+template <typename T, typename G>
 __device__ __forceinline__ bool sp_load(const T* plane, sp_i64 s_h,
-                                        sp_i64 s_w, const SpGeometry& g,
+                                        sp_i64 s_w, const G& g,
                                         int h, int col, T pad_value, T& v) {
     if (h >= 0 && h < g.H && col >= 0 && col < g.W) {
         v = plane[h * s_h + col * s_w];
@@ -129,8 +168,8 @@ __device__ __forceinline__ int sp_taps_inside(int start, int step, int taps,
 }
 
 // m_o = min(k, n_o) of the window whose top-left tap is (h0, w0).
-__device__ __forceinline__ int sp_kept_ranks(const SpGeometry& g, int h0,
-                                             int w0) {
+template <typename G>
+__device__ __forceinline__ int sp_kept_ranks(const G& g, int h0, int w0) {
     const int rows = g.has_pad
         ? sp_taps_inside(h0, g.dh, g.kh, -g.pt, g.H + g.pb)
         : sp_taps_inside(h0, g.dh, g.kh, 0, g.H);
@@ -142,10 +181,10 @@ __device__ __forceinline__ int sp_kept_ranks(const SpGeometry& g, int h0,
 
 // Rank (0-based) of value v at scan position s in the window at (h0, w0):
 // the number of window values that outrank it, counted up to `limit`.
-template <typename T>
+template <typename T, typename G>
 __device__ __forceinline__ int sp_rank_in_window(const T* plane, sp_i64 s_h,
-                                                 sp_i64 s_w,
-                                                 const SpGeometry& g, int h0,
+                                                 sp_i64 s_w, const G& g,
+                                                 int h0,
                                                  int w0, T pad_value, T v,
                                                  int s, int limit) {
     int rank = 0;
@@ -214,9 +253,9 @@ struct SpNetwork<T, 4> {
 
 // Rank the window at (h0, w0): top[r], pos[r] for r < m hold the value and
 // scan position of rank r; returns m = min(k, n_o). Not for WIN == KMAX == 0.
-template <typename T, int WIN, int KMAX>
+template <typename T, int WIN, int KMAX, typename G>
 __device__ __forceinline__ int sp_select_top(
-    const T* plane, sp_i64 s_h, sp_i64 s_w, const SpGeometry& g, int h0,
+    const T* plane, sp_i64 s_h, sp_i64 s_w, const G& g, int h0,
     int w0, T pad_value, T (&top)[SpCapacity<WIN, KMAX>::value],
     int (&pos)[SpCapacity<WIN, KMAX>::value]) {
     if constexpr (WIN > 0) {
@@ -274,6 +313,94 @@ __device__ __forceinline__ int sp_select_top(
     }
 }
 
+// The KS x KS window (stride-free part of SpFixed: dilation 1) at (h0, w0)
+// of V neighbouring channels, every tap loaded once: vals[q] at scan
+// position q, ok[q] whether that position is part of the window, as sp_load
+// decides (vals[q] is zero where it is not, pad_value in padding).
+template <typename T, int V, int KS, typename G>
+__device__ __forceinline__ void sp_load_window(
+    const T* plane, sp_i64 s_h, sp_i64 s_w, const G& g, int h0, int w0,
+    T pad_value, SpVec<T, V> (&vals)[KS * KS], bool (&ok)[KS * KS]) {
+#pragma unroll
+    for (int i = 0; i < KS; ++i) {
+        const int h = h0 + i;
+#pragma unroll
+        for (int j = 0; j < KS; ++j) {
+            const int col = w0 + j;
+            const int q = i * KS + j;
+            if (h >= 0 && h < g.H && col >= 0 && col < g.W) {
+                vals[q] = sp_vload<T, V>(plane + h * s_h + col * s_w);
+                ok[q] = true;
+            } else {
+                ok[q] = g.has_pad && h >= -g.pt && h < g.H + g.pb &&
+                        col >= -g.pl && col < g.W + g.pr;
+                vals[q] = sp_vfill<T, V>(ok[q] ? pad_value : T(0));
+            }
+        }
+    }
+}
+
+// sp_select_top on values already loaded (vals, ok as sp_load_window gives
+// them for one channel): the same keys in the same order, so the same top
+// and pos. Not for WIN == KMAX == 0.
+template <typename T, int WIN, int KMAX, int NT>
+__device__ __forceinline__ int sp_select_loaded(
+    const T (&vals)[NT], const bool (&ok)[NT], int k,
+    T (&top)[SpCapacity<WIN, KMAX>::value],
+    int (&pos)[SpCapacity<WIN, KMAX>::value]) {
+    static_assert(WIN > 0 || KMAX > 0, "no storage to rank into");
+    if constexpr (WIN > 0) {
+        static_assert(WIN == NT, "a network ranks the whole window");
+        int usable = 0;
+#pragma unroll
+        for (int q = 0; q < WIN; ++q) {
+            top[q] = ok[q] ? vals[q] : T(0);
+            pos[q] = ok[q] ? q : q + WIN;
+            usable += ok[q];
+        }
+        SpNetwork<T, WIN>::sort(top, pos);
+        return sp_min(k, usable);
+    } else {
+        int kept = 0;
+#pragma unroll
+        for (int r = 0; r < KMAX; ++r) {
+            top[r] = T(0);
+            pos[r] = 0;
+        }
+#pragma unroll
+        for (int q = 0; q < NT; ++q) {
+            if (!ok[q]) continue;
+            T v = vals[q];
+            int p = q;
+            bool shifting = false;
+#pragma unroll
+            for (int r = 0; r < KMAX; ++r) {
+                if (r < k) {
+                    if (shifting || r >= kept || sp_value_above(v, top[r])) {
+                        const T tv = top[r];
+                        const int tp = pos[r];
+                        top[r] = v;
+                        pos[r] = p;
+                        v = tv;
+                        p = tp;
+                        shifting = true;
+                    }
+                }
+            }
+            kept += kept < k;
+        }
+        return kept;
+    }
+}
+
+// Lane l of V loaded channel vectors.
+template <typename T, int V, int NT>
+__device__ __forceinline__ void sp_lane(const SpVec<T, V> (&vals)[NT], int l,
+                                        T (&lane)[NT]) {
+#pragma unroll
+    for (int q = 0; q < NT; ++q) lane[q] = vals[q].v[l];
+}
+
 // ---------------------------------------------------------------------------
 // Rank weights: table[cw, m, r] for every number of kept ranks m (row 0 and
 // r >= m are zero), from logits w (cw_count, k) in float64, as
@@ -315,57 +442,96 @@ __global__ void sortpool_rank_weights(const double* __restrict__ w,
 
 // ---------------------------------------------------------------------------
 // Forward: one output per loop step; y = sum_{r < m} p[cw, m, r] * a(r).
+//
+// Every kernel below takes KS, ST (SpFixed: 0, 0 for any geometry) and V:
+// with KS > 0 a loop step loads its whole window once (sp_load_window) for
+// V neighbouring channels (V > 1: channels contiguous and vector-aligned in
+// every array), then ranks each channel as the general
+// path does, so that both give the same bits.
 
 #define SP_STRIDES(p) sp_i64 p##_n, sp_i64 p##_h, sp_i64 p##_w, sp_i64 p##_c
 
-template <typename T, int WIN, int KMAX>
+template <typename T, int WIN, int KMAX, int KS = 0, int ST = 0, int V = 1>
 __global__ void sortpool_forward(const T* __restrict__ x, SP_STRIDES(xs),
                                  const T* __restrict__ table, int per_channel,
                                  SP_GEOMETRY_PARAMS, T pad_value,
                                  int channels_inner, T* __restrict__ y,
                                  SP_STRIDES(ys)) {
-    const SpGeometry g = SP_GEOMETRY_INIT;
-    const sp_i64 total = (sp_i64)g.N * g.C * g.out_h * g.out_w;
+    static_assert(KS > 0 || V == 1, "channel vectors need a fixed window");
+    const SpFixed<KS, ST> g{SP_GEOMETRY_INIT};
+    const int groups = g.C / V;
+    const sp_i64 total = (sp_i64)g.N * groups * g.out_h * g.out_w;
     for (sp_i64 t = sp_first_index(); t < total; t += sp_index_step()) {
-        int n, c, oh, ow;
-        sp_split(t, channels_inner, g.C, g.out_h, g.out_w, n, c, oh, ow);
+        int n, cg, oh, ow;
+        sp_split(t, channels_inner, groups, g.out_h, g.out_w, n, cg, oh, ow);
+        const int c = cg * V;
         const T* plane = x + n * xs_n + c * xs_c;
-        const T* tab =
-            table + (sp_i64)(per_channel ? c : 0) * (g.k + 1) * g.k;
         const int h0 = oh * g.sh - g.pt;
         const int w0 = ow * g.sw - g.pl;
-        T acc;
-        if constexpr (WIN == 0 && KMAX == 0) {
-            const int m = sp_kept_ranks(g, h0, w0);
-            const T* p = tab + (sp_i64)m * g.k;
-            acc = T(0);
-            for (int i = 0; i < g.kh; ++i) {
-                for (int j = 0; j < g.kw; ++j) {
-                    const int s = i * g.kw + j;
-                    T v = T(0);
-                    if (!sp_load(plane, xs_h, xs_w, g, h0 + i * g.dh,
-                                 w0 + j * g.dw, pad_value, v)) {
-                        continue;
+        T* out = y + n * ys_n + oh * ys_h + ow * ys_w + c * ys_c;
+        if constexpr (KS > 0) {
+            constexpr int NT = KS * KS;
+            constexpr int CAP = SpCapacity<WIN, KMAX>::value;
+            SpVec<T, V> vals[NT];
+            bool ok[NT];
+            sp_load_window<T, V, KS>(plane, xs_h, xs_w, g, h0, w0, pad_value,
+                                     vals, ok);
+            SpVec<T, V> res;
+#pragma unroll
+            for (int l = 0; l < V; ++l) {
+                T lane[NT];
+                sp_lane(vals, l, lane);
+                T top[CAP];
+                int pos[CAP];
+                const int m =
+                    sp_select_loaded<T, WIN, KMAX>(lane, ok, g.k, top, pos);
+                const T* p = table +
+                    ((sp_i64)(per_channel ? c + l : 0) * (g.k + 1) + m) * g.k;
+                T acc = p[0] * top[0];
+#pragma unroll
+                for (int r = 1; r < CAP; ++r) {
+                    if (r < m) acc += p[r] * top[r];
+                }
+                res.v[l] = acc;
+            }
+            sp_vstore(out, res);
+        } else {
+            const T* tab =
+                table + (sp_i64)(per_channel ? c : 0) * (g.k + 1) * g.k;
+            T acc;
+            if constexpr (WIN == 0 && KMAX == 0) {
+                const int m = sp_kept_ranks(g, h0, w0);
+                const T* p = tab + (sp_i64)m * g.k;
+                acc = T(0);
+                for (int i = 0; i < g.kh; ++i) {
+                    for (int j = 0; j < g.kw; ++j) {
+                        const int s = i * g.kw + j;
+                        T v = T(0);
+                        if (!sp_load(plane, xs_h, xs_w, g, h0 + i * g.dh,
+                                     w0 + j * g.dw, pad_value, v)) {
+                            continue;
+                        }
+                        const int rank = sp_rank_in_window(
+                            plane, xs_h, xs_w, g, h0, w0, pad_value, v, s,
+                            m);
+                        if (rank < m) acc += p[rank] * v;
                     }
-                    const int rank = sp_rank_in_window(
-                        plane, xs_h, xs_w, g, h0, w0, pad_value, v, s, m);
-                    if (rank < m) acc += p[rank] * v;
+                }
+            } else {
+                constexpr int CAP = SpCapacity<WIN, KMAX>::value;
+                T top[CAP];
+                int pos[CAP];
+                const int m = sp_select_top<T, WIN, KMAX>(
+                    plane, xs_h, xs_w, g, h0, w0, pad_value, top, pos);
+                const T* p = tab + (sp_i64)m * g.k;
+                acc = p[0] * top[0];
+#pragma unroll
+                for (int r = 1; r < CAP; ++r) {
+                    if (r < m) acc += p[r] * top[r];
                 }
             }
-        } else {
-            constexpr int CAP = SpCapacity<WIN, KMAX>::value;
-            T top[CAP];
-            int pos[CAP];
-            const int m = sp_select_top<T, WIN, KMAX>(
-                plane, xs_h, xs_w, g, h0, w0, pad_value, top, pos);
-            const T* p = tab + (sp_i64)m * g.k;
-            acc = p[0] * top[0];
-#pragma unroll
-            for (int r = 1; r < CAP; ++r) {
-                if (r < m) acc += p[r] * top[r];
-            }
+            *out = acc;
         }
-        y[n * ys_n + oh * ys_h + ow * ys_w + c * ys_c] = acc;
     }
 }
 
@@ -374,61 +540,104 @@ __global__ void sortpool_forward(const T* __restrict__ x, SP_STRIDES(xs),
 // not overlap and cover the input): the step of a window ranks it once and
 // writes every real position of it, kept rank or zero.
 
-template <typename T, int WIN, int KMAX>
+template <typename T, int WIN, int KMAX, int KS = 0, int ST = 0, int V = 1>
 __global__ void sortpool_backward_x_owned(
     const T* __restrict__ x, SP_STRIDES(xs), const T* __restrict__ gy,
     SP_STRIDES(gs), const T* __restrict__ table, int per_channel,
     SP_GEOMETRY_PARAMS, T pad_value, int channels_inner, T* __restrict__ gx,
     SP_STRIDES(gxs)) {
-    const SpGeometry g = SP_GEOMETRY_INIT;
-    const sp_i64 total = (sp_i64)g.N * g.C * g.out_h * g.out_w;
+    static_assert(KS > 0 || V == 1, "channel vectors need a fixed window");
+    const SpFixed<KS, ST> g{SP_GEOMETRY_INIT};
+    const int groups = g.C / V;
+    const sp_i64 total = (sp_i64)g.N * groups * g.out_h * g.out_w;
     for (sp_i64 t = sp_first_index(); t < total; t += sp_index_step()) {
-        int n, c, oh, ow;
-        sp_split(t, channels_inner, g.C, g.out_h, g.out_w, n, c, oh, ow);
+        int n, cg, oh, ow;
+        sp_split(t, channels_inner, groups, g.out_h, g.out_w, n, cg, oh, ow);
+        const int c = cg * V;
         const T* plane = x + n * xs_n + c * xs_c;
         T* out = gx + n * gxs_n + c * gxs_c;
-        const T go = gy[n * gs_n + oh * gs_h + ow * gs_w + c * gs_c];
-        const T* tab =
-            table + (sp_i64)(per_channel ? c : 0) * (g.k + 1) * g.k;
+        const T* gop = gy + n * gs_n + oh * gs_h + ow * gs_w + c * gs_c;
         const int h0 = oh * g.sh - g.pt;
         const int w0 = ow * g.sw - g.pl;
-        if constexpr (WIN == 0 && KMAX == 0) {
-            const int m = sp_kept_ranks(g, h0, w0);
-            const T* p = tab + (sp_i64)m * g.k;
-            for (int i = 0; i < g.kh; ++i) {
-                const int h = h0 + i * g.dh;
-                if (h < 0 || h >= g.H) continue;
-                for (int j = 0; j < g.kw; ++j) {
-                    const int col = w0 + j * g.dw;
-                    if (col < 0 || col >= g.W) continue;
-                    const T v = plane[h * xs_h + col * xs_w];
-                    const int rank = sp_rank_in_window(
-                        plane, xs_h, xs_w, g, h0, w0, pad_value, v,
-                        i * g.kw + j, m);
-                    out[h * gxs_h + col * gxs_w] =
-                        rank < m ? go * p[rank] : T(0);
-                }
-            }
-        } else {
+        if constexpr (KS > 0) {
+            constexpr int NT = KS * KS;
             constexpr int CAP = SpCapacity<WIN, KMAX>::value;
-            T top[CAP];
-            int pos[CAP];
-            const int m = sp_select_top<T, WIN, KMAX>(
-                plane, xs_h, xs_w, g, h0, w0, pad_value, top, pos);
-            const T* p = tab + (sp_i64)m * g.k;
-            for (int i = 0; i < g.kh; ++i) {
-                const int h = h0 + i * g.dh;
-                if (h < 0 || h >= g.H) continue;
-                for (int j = 0; j < g.kw; ++j) {
-                    const int col = w0 + j * g.dw;
-                    if (col < 0 || col >= g.W) continue;
-                    const int s = i * g.kw + j;
+            SpVec<T, V> vals[NT];
+            bool ok[NT];
+            sp_load_window<T, V, KS>(plane, xs_h, xs_w, g, h0, w0, pad_value,
+                                     vals, ok);
+            const SpVec<T, V> go = sp_vload<T, V>(gop);
+            SpVec<T, V> res[NT];
+#pragma unroll
+            for (int l = 0; l < V; ++l) {
+                T lane[NT];
+                sp_lane(vals, l, lane);
+                T top[CAP];
+                int pos[CAP];
+                const int m =
+                    sp_select_loaded<T, WIN, KMAX>(lane, ok, g.k, top, pos);
+                const T* p = table +
+                    ((sp_i64)(per_channel ? c + l : 0) * (g.k + 1) + m) * g.k;
+#pragma unroll
+                for (int q = 0; q < NT; ++q) {
                     T value = T(0);
 #pragma unroll
                     for (int r = 0; r < CAP; ++r) {
-                        if (r < m && pos[r] == s) value = go * p[r];
+                        if (r < m && pos[r] == q) value = go.v[l] * p[r];
                     }
-                    out[h * gxs_h + col * gxs_w] = value;
+                    res[q].v[l] = value;
+                }
+            }
+#pragma unroll
+            for (int q = 0; q < NT; ++q) {
+                const int h = h0 + q / KS;
+                const int col = w0 + q % KS;
+                if (h >= 0 && h < g.H && col >= 0 && col < g.W) {
+                    sp_vstore(out + h * gxs_h + col * gxs_w, res[q]);
+                }
+            }
+        } else {
+            const T go = *gop;
+            const T* tab =
+                table + (sp_i64)(per_channel ? c : 0) * (g.k + 1) * g.k;
+            if constexpr (WIN == 0 && KMAX == 0) {
+                const int m = sp_kept_ranks(g, h0, w0);
+                const T* p = tab + (sp_i64)m * g.k;
+                for (int i = 0; i < g.kh; ++i) {
+                    const int h = h0 + i * g.dh;
+                    if (h < 0 || h >= g.H) continue;
+                    for (int j = 0; j < g.kw; ++j) {
+                        const int col = w0 + j * g.dw;
+                        if (col < 0 || col >= g.W) continue;
+                        const T v = plane[h * xs_h + col * xs_w];
+                        const int rank = sp_rank_in_window(
+                            plane, xs_h, xs_w, g, h0, w0, pad_value, v,
+                            i * g.kw + j, m);
+                        out[h * gxs_h + col * gxs_w] =
+                            rank < m ? go * p[rank] : T(0);
+                    }
+                }
+            } else {
+                constexpr int CAP = SpCapacity<WIN, KMAX>::value;
+                T top[CAP];
+                int pos[CAP];
+                const int m = sp_select_top<T, WIN, KMAX>(
+                    plane, xs_h, xs_w, g, h0, w0, pad_value, top, pos);
+                const T* p = tab + (sp_i64)m * g.k;
+                for (int i = 0; i < g.kh; ++i) {
+                    const int h = h0 + i * g.dh;
+                    if (h < 0 || h >= g.H) continue;
+                    for (int j = 0; j < g.kw; ++j) {
+                        const int col = w0 + j * g.dw;
+                        if (col < 0 || col >= g.W) continue;
+                        const int s = i * g.kw + j;
+                        T value = T(0);
+#pragma unroll
+                        for (int r = 0; r < CAP; ++r) {
+                            if (r < m && pos[r] == s) value = go * p[r];
+                        }
+                        out[h * gxs_h + col * gxs_w] = value;
+                    }
                 }
             }
         }
@@ -440,46 +649,100 @@ __global__ void sortpool_backward_x_owned(
 // increasing (oh, ow) as the Numba engine accumulates, using its rank in
 // each. Every input is written exactly once.
 
-template <typename T>
+template <typename T, int KS = 0, int ST = 0, int V = 1>
 __global__ void sortpool_backward_x_gather(
     const T* __restrict__ x, SP_STRIDES(xs), const T* __restrict__ gy,
     SP_STRIDES(gs), const T* __restrict__ table, int per_channel,
     SP_GEOMETRY_PARAMS, T pad_value, int channels_inner, T* __restrict__ gx,
     SP_STRIDES(gxs)) {
-    const SpGeometry g = SP_GEOMETRY_INIT;
-    const sp_i64 total = (sp_i64)g.N * g.C * g.H * g.W;
+    static_assert(KS > 0 || V == 1, "channel vectors need a fixed window");
+    const SpFixed<KS, ST> g{SP_GEOMETRY_INIT};
+    const int groups = g.C / V;
+    const sp_i64 total = (sp_i64)g.N * groups * g.H * g.W;
     for (sp_i64 t = sp_first_index(); t < total; t += sp_index_step()) {
-        int n, c, h, col;
-        sp_split(t, channels_inner, g.C, g.H, g.W, n, c, h, col);
+        int n, cg, h, col;
+        sp_split(t, channels_inner, groups, g.H, g.W, n, cg, h, col);
+        const int c = cg * V;
         const T* plane = x + n * xs_n + c * xs_c;
         const T* gplane = gy + n * gs_n + c * gs_c;
-        const T v = plane[h * xs_h + col * xs_w];
-        const T* tab =
-            table + (sp_i64)(per_channel ? c : 0) * (g.k + 1) * g.k;
-        T acc = T(0);
-        for (int i = g.kh - 1; i >= 0; --i) {
-            const int th = h + g.pt - i * g.dh;
-            if (th < 0 || th % g.sh != 0) continue;
-            const int oh = th / g.sh;
-            if (oh >= g.out_h) continue;
-            const int h0 = oh * g.sh - g.pt;
-            for (int j = g.kw - 1; j >= 0; --j) {
-                const int tw = col + g.pl - j * g.dw;
-                if (tw < 0 || tw % g.sw != 0) continue;
-                const int ow = tw / g.sw;
-                if (ow >= g.out_w) continue;
-                const int w0 = ow * g.sw - g.pl;
-                const int m = sp_kept_ranks(g, h0, w0);
-                const int rank = sp_rank_in_window(plane, xs_h, xs_w, g, h0,
-                                                   w0, pad_value, v,
-                                                   i * g.kw + j, m);
-                if (rank < m) {
-                    acc += gplane[oh * gs_h + ow * gs_w] *
-                           tab[(sp_i64)m * g.k + rank];
+        T* out = gx + n * gxs_n + h * gxs_h + col * gxs_w + c * gxs_c;
+        if constexpr (KS > 0) {
+            constexpr int NT = KS * KS;
+            const SpVec<T, V> v =
+                sp_vload<T, V>(plane + h * xs_h + col * xs_w);
+            SpVec<T, V> acc = sp_vfill<T, V>(T(0));
+#pragma unroll
+            for (int i = KS - 1; i >= 0; --i) {
+                const int th = h + g.pt - i;
+                if (th < 0 || th % ST != 0) continue;
+                const int oh = th / ST;
+                if (oh >= g.out_h) continue;
+                const int h0 = oh * ST - g.pt;
+#pragma unroll
+                for (int j = KS - 1; j >= 0; --j) {
+                    const int tw = col + g.pl - j;
+                    if (tw < 0 || tw % ST != 0) continue;
+                    const int ow = tw / ST;
+                    if (ow >= g.out_w) continue;
+                    const int w0 = ow * ST - g.pl;
+                    const int s = i * KS + j;
+                    SpVec<T, V> vals[NT];
+                    bool ok[NT];
+                    sp_load_window<T, V, KS>(plane, xs_h, xs_w, g, h0, w0,
+                                             pad_value, vals, ok);
+                    int usable = 0;
+#pragma unroll
+                    for (int q = 0; q < NT; ++q) usable += ok[q];
+                    const int m = sp_min(g.k, usable);
+                    const SpVec<T, V> go =
+                        sp_vload<T, V>(gplane + oh * gs_h + ow * gs_w);
+#pragma unroll
+                    for (int l = 0; l < V; ++l) {
+                        int rank = 0;
+#pragma unroll
+                        for (int q = 0; q < NT; ++q) {
+                            rank += q != s && ok[q] &&
+                                    sp_ranks_above(vals[q].v[l], q, v.v[l],
+                                                   s);
+                        }
+                        if (rank < m) {
+                            acc.v[l] += go.v[l] *
+                                table[((sp_i64)(per_channel ? c + l : 0) *
+                                           (g.k + 1) + m) * g.k + rank];
+                        }
+                    }
                 }
             }
+            sp_vstore(out, acc);
+        } else {
+            const T v = plane[h * xs_h + col * xs_w];
+            const T* tab =
+                table + (sp_i64)(per_channel ? c : 0) * (g.k + 1) * g.k;
+            T acc = T(0);
+            for (int i = g.kh - 1; i >= 0; --i) {
+                const int th = h + g.pt - i * g.dh;
+                if (th < 0 || th % g.sh != 0) continue;
+                const int oh = th / g.sh;
+                if (oh >= g.out_h) continue;
+                const int h0 = oh * g.sh - g.pt;
+                for (int j = g.kw - 1; j >= 0; --j) {
+                    const int tw = col + g.pl - j * g.dw;
+                    if (tw < 0 || tw % g.sw != 0) continue;
+                    const int ow = tw / g.sw;
+                    if (ow >= g.out_w) continue;
+                    const int w0 = ow * g.sw - g.pl;
+                    const int m = sp_kept_ranks(g, h0, w0);
+                    const int rank = sp_rank_in_window(
+                        plane, xs_h, xs_w, g, h0, w0, pad_value, v,
+                        i * g.kw + j, m);
+                    if (rank < m) {
+                        acc += gplane[oh * gs_h + ow * gs_w] *
+                               tab[(sp_i64)m * g.k + rank];
+                    }
+                }
+            }
+            *out = acc;
         }
-        gx[n * gxs_n + h * gxs_h + col * gxs_w + c * gxs_c] = acc;
     }
 }
 
@@ -494,86 +757,154 @@ __global__ void sortpool_backward_x_gather(
 // result that depends on Q but not on the launch geometry. The buffer must
 // be zeroed by the caller.
 
-template <typename T, int WIN, int KMAX>
+template <typename T, int WIN, int KMAX, int KS = 0, int ST = 0, int V = 1>
 __global__ void sortpool_grad_w_partials(
     const T* __restrict__ x, SP_STRIDES(xs), const T* __restrict__ gy,
     SP_STRIDES(gs), int per_channel, SP_GEOMETRY_PARAMS, T pad_value,
     int channels_inner, sp_i64 columns_per_channel,
     double* __restrict__ partials) {
-    const SpGeometry g = SP_GEOMETRY_INIT;
+    static_assert(KS > 0 || V == 1, "channel vectors need a fixed window");
+    const SpFixed<KS, ST> g{SP_GEOMETRY_INIT};
     const sp_i64 Q = columns_per_channel;
-    const sp_i64 columns = (sp_i64)g.C * Q;
-    const sp_i64 cols = per_channel ? Q : columns;
+    const int groups = g.C / V;
+    // V columns (of V neighbouring channels, same q) per loop step
+    const sp_i64 steps = (sp_i64)groups * Q;
+    const sp_i64 cols = per_channel ? Q : (sp_i64)g.C * Q;
     const sp_i64 slots = (sp_i64)(g.k + 1) * g.k;
     const sp_i64 windows = (sp_i64)g.N * g.out_h * g.out_w;
-    for (sp_i64 p = sp_first_index(); p < columns; p += sp_index_step()) {
-        const int c = (int)(channels_inner ? p % g.C : p / Q);
-        const sp_i64 q = channels_inner ? p / g.C : p % Q;
+    constexpr int CAP = SpCapacity<WIN, KMAX>::value;
+    for (sp_i64 p = sp_first_index(); p < steps; p += sp_index_step()) {
+        const int c = V * (int)(channels_inner ? p % groups : p / Q);
+        const sp_i64 q = channels_inner ? p / groups : p % Q;
         // Column c * Q + q whichever axis neighbouring threads take
         // (channels_inner), so that the column sums, and grad_w to the last
         // bit, do not depend on the memory order of x.
         double* part = partials + (per_channel ? (sp_i64)c * slots * cols : 0)
                        + (per_channel ? q : (sp_i64)c * Q + q);
-        constexpr int CAP = SpCapacity<WIN, KMAX>::value;
-        // Sums of the windows that keep all k ranks (all but some border
-        // windows) stay in registers.
-        double full[CAP];
+        // channel c + l's column is part + l * lane_step
+        const sp_i64 lane_step = per_channel ? slots * cols : Q;
+        if constexpr (KS > 0) {
+            constexpr int NT = KS * KS;
+            // Sums of the windows that keep all k ranks (all but some
+            // border windows) stay in registers.
+            double full[V][CAP];
 #pragma unroll
-        for (int r = 0; r < CAP; ++r) full[r] = 0.0;
-        for (sp_i64 s = q; s < windows; s += Q) {
-            const int ow = (int)(s % g.out_w);
-            const sp_i64 rest = s / g.out_w;
-            const int oh = (int)(rest % g.out_h);
-            const int n = (int)(rest / g.out_h);
-            const T* plane = x + n * xs_n + c * xs_c;
-            const double go =
-                (double)gy[n * gs_n + oh * gs_h + ow * gs_w + c * gs_c];
-            const int h0 = oh * g.sh - g.pt;
-            const int w0 = ow * g.sw - g.pl;
-            if constexpr (WIN == 0 && KMAX == 0) {
-                const int m = sp_kept_ranks(g, h0, w0);
-                for (int i = 0; i < g.kh; ++i) {
-                    for (int j = 0; j < g.kw; ++j) {
-                        const int sc = i * g.kw + j;
-                        T v = T(0);
-                        if (!sp_load(plane, xs_h, xs_w, g, h0 + i * g.dh,
-                                     w0 + j * g.dw, pad_value, v)) {
-                            continue;
+            for (int l = 0; l < V; ++l) {
+#pragma unroll
+                for (int r = 0; r < CAP; ++r) full[l][r] = 0.0;
+            }
+            for (sp_i64 s = q; s < windows; s += Q) {
+                const int ow = (int)(s % g.out_w);
+                const sp_i64 rest = s / g.out_w;
+                const int oh = (int)(rest % g.out_h);
+                const int n = (int)(rest / g.out_h);
+                const T* plane = x + n * xs_n + c * xs_c;
+                const SpVec<T, V> go = sp_vload<T, V>(
+                    gy + n * gs_n + oh * gs_h + ow * gs_w + c * gs_c);
+                SpVec<T, V> vals[NT];
+                bool ok[NT];
+                sp_load_window<T, V, KS>(plane, xs_h, xs_w, g,
+                                         oh * ST - g.pt, ow * ST - g.pl,
+                                         pad_value, vals, ok);
+#pragma unroll
+                for (int l = 0; l < V; ++l) {
+                    T lane[NT];
+                    sp_lane(vals, l, lane);
+                    T top[CAP];
+                    int pos[CAP];
+                    const int m = sp_select_loaded<T, WIN, KMAX>(
+                        lane, ok, g.k, top, pos);
+                    const double gol = (double)go.v[l];
+                    if (m == g.k) {
+#pragma unroll
+                        for (int r = 0; r < CAP; ++r) {
+                            if (r < m) full[l][r] += gol * (double)top[r];
                         }
-                        const int rank = sp_rank_in_window(
-                            plane, xs_h, xs_w, g, h0, w0, pad_value, v, sc,
-                            m);
-                        if (rank < m) {
-                            part[((sp_i64)m * g.k + rank) * cols] +=
-                                go * (double)v;
-                        }
-                    }
-                }
-            } else {
-                T top[CAP];
-                int pos[CAP];
-                const int m = sp_select_top<T, WIN, KMAX>(
-                    plane, xs_h, xs_w, g, h0, w0, pad_value, top, pos);
-                if (m == g.k) {
+                    } else {
+                        double* pl = part + l * lane_step;
 #pragma unroll
-                    for (int r = 0; r < CAP; ++r) {
-                        if (r < m) full[r] += go * (double)top[r];
-                    }
-                } else {
-#pragma unroll
-                    for (int r = 0; r < CAP; ++r) {
-                        if (r < m) {
-                            part[((sp_i64)m * g.k + r) * cols] +=
-                                go * (double)top[r];
+                        for (int r = 0; r < CAP; ++r) {
+                            if (r < m) {
+                                pl[((sp_i64)m * g.k + r) * cols] +=
+                                    gol * (double)top[r];
+                            }
                         }
                     }
                 }
             }
-        }
-        if constexpr (!(WIN == 0 && KMAX == 0)) {
 #pragma unroll
-            for (int r = 0; r < CAP; ++r) {
-                if (r < g.k) part[((sp_i64)g.k * g.k + r) * cols] = full[r];
+            for (int l = 0; l < V; ++l) {
+#pragma unroll
+                for (int r = 0; r < CAP; ++r) {
+                    if (r < g.k) {
+                        part[l * lane_step + ((sp_i64)g.k * g.k + r) * cols] =
+                            full[l][r];
+                    }
+                }
+            }
+        } else {
+            // Sums of the windows that keep all k ranks (all but some
+            // border windows) stay in registers.
+            double full[CAP];
+#pragma unroll
+            for (int r = 0; r < CAP; ++r) full[r] = 0.0;
+            for (sp_i64 s = q; s < windows; s += Q) {
+                const int ow = (int)(s % g.out_w);
+                const sp_i64 rest = s / g.out_w;
+                const int oh = (int)(rest % g.out_h);
+                const int n = (int)(rest / g.out_h);
+                const T* plane = x + n * xs_n + c * xs_c;
+                const double go =
+                    (double)gy[n * gs_n + oh * gs_h + ow * gs_w + c * gs_c];
+                const int h0 = oh * g.sh - g.pt;
+                const int w0 = ow * g.sw - g.pl;
+                if constexpr (WIN == 0 && KMAX == 0) {
+                    const int m = sp_kept_ranks(g, h0, w0);
+                    for (int i = 0; i < g.kh; ++i) {
+                        for (int j = 0; j < g.kw; ++j) {
+                            const int sc = i * g.kw + j;
+                            T v = T(0);
+                            if (!sp_load(plane, xs_h, xs_w, g, h0 + i * g.dh,
+                                         w0 + j * g.dw, pad_value, v)) {
+                                continue;
+                            }
+                            const int rank = sp_rank_in_window(
+                                plane, xs_h, xs_w, g, h0, w0, pad_value, v, sc,
+                                m);
+                            if (rank < m) {
+                                part[((sp_i64)m * g.k + rank) * cols] +=
+                                    go * (double)v;
+                            }
+                        }
+                    }
+                } else {
+                    T top[CAP];
+                    int pos[CAP];
+                    const int m = sp_select_top<T, WIN, KMAX>(
+                        plane, xs_h, xs_w, g, h0, w0, pad_value, top, pos);
+                    if (m == g.k) {
+#pragma unroll
+                        for (int r = 0; r < CAP; ++r) {
+                            if (r < m) full[r] += go * (double)top[r];
+                        }
+                    } else {
+#pragma unroll
+                        for (int r = 0; r < CAP; ++r) {
+                            if (r < m) {
+                                part[((sp_i64)m * g.k + r) * cols] +=
+                                    go * (double)top[r];
+                            }
+                        }
+                    }
+                }
+            }
+            if constexpr (!(WIN == 0 && KMAX == 0)) {
+#pragma unroll
+                for (int r = 0; r < CAP; ++r) {
+                    if (r < g.k) {
+                        part[((sp_i64)g.k * g.k + r) * cols] = full[r];
+                    }
+                }
             }
         }
     }

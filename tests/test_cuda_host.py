@@ -115,7 +115,8 @@ class HostRunner:
 
     def run(self, x, w, g, kwargs, config=TINY, variant=None):
         p = _problem(x, w, g, **kwargs)  # checks grad_y's shape too
-        plan, _ = self.plan(p, config, variant)
+        plan, launcher = self.plan(p, config, variant)
+        self.launched = launcher.launched
         y = plan.forward(x, w)
         if g is None:
             return y, None, None
@@ -140,6 +141,14 @@ class CudaRunner:
                            module.get_function(name)((grid,), (block,),
                                                      args))
             plan.variant = variant
+        self.launched = []
+        launch = plan.launch
+
+        def record(name, grid, block, args):
+            self.launched.append(name)
+            launch(name, grid, block, args)
+
+        plan.launch = record
         y = cupy.asnumpy(plan.forward(xd, wd))
         if g is None:
             return y, None, None
@@ -266,6 +275,114 @@ def test_variant_choice():
     assert _plan.variant_for(25, 5) == (0, 8)
     assert _plan.variant_for(25, 16) == (0, 16)
     assert _plan.variant_for(25, 17) == (0, 0)
+
+
+# -- the fixed-geometry kernels ---------------------------------------------
+
+FIXED_FORMS = [
+    dict(kernel_size=2),
+    dict(kernel_size=2, stride=2, padding=1, pad_value=-0.5, ceil_mode=True),
+    dict(kernel_size=2, ceil_mode=True),
+    dict(kernel_size=3, stride=2, padding=1),
+    dict(kernel_size=3, stride=2, padding=1, pad_value=0.0, ceil_mode=True),
+    dict(kernel_size=3, stride=2),
+]
+
+
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+@pytest.mark.parametrize("channels", [8, 6])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_fixed_geometry_kernels(runner, dtype, channels, layout,
+                                monkeypatch):
+    """2x2 s2 and 3x3 s2 windows run the kernels instantiated for them
+    (with channel vectors where the channels are contiguous and their
+    count allows), for every pool_range, with padding, pad_value and
+    ceil_mode; they match the reference and give the bits of the kernels
+    for any geometry."""
+    seed = 0
+    width = _plan.VECTOR_WIDTHS[np.dtype(dtype)]
+    for form in FIXED_FORMS:
+        size = form["kernel_size"]
+        for k in range(1, size * size + 1):
+            # 3x3 s2 p1 with ceil_mode overhangs the padding of a size-14
+            # axis (a window tap beyond it is not part of the window)
+            hw = (11, 14) if seed % 2 else (14, 11)
+            shape = (2, *hw, channels) if layout == "NHWC" \
+                else (2, channels, *hw)
+            values = ("ties", "special", "distinct")[seed % 3]
+            x = array_of(values, shape, dtype, seed)
+            rng = np.random.default_rng(seed)
+            w = rng.normal(size=(channels, k) if seed % 2 else (k,))
+            kwargs = dict(form, layout=layout,
+                          weighting=("softmax", "raw")[seed // 2 % 2])
+            g = rng.normal(size=_problem(x, w, **kwargs).out_shape
+                           ).astype(dtype)
+            seed += 1
+            monkeypatch.undo()
+            check_against_reference(runner, x, w, kwargs, seed)
+            got = runner.run(x, w, g, kwargs)
+            fixed = [n for n in runner.launched if f", {size}, 2, " in n]
+            vectors = layout == "NHWC" and channels % width == 0
+            expect = width if vectors else 1
+            assert {n.rsplit(", ", 1)[1] for n in fixed
+                    if "forward" in n} == {f"{expect}>"}, runner.launched
+            assert any("x_gather" in n or "x_owned" in n for n in fixed)
+            assert any("grad_w" in n for n in fixed)
+            monkeypatch.setattr(_plan, "fixed_geometry", lambda geometry:
+                                None)
+            general = runner.run(x, w, g, kwargs)
+            assert not any(f", {size}, 2, " in n for n in runner.launched)
+            for a, b in zip(got, general):
+                assert_same_bits(a, b, (form, k))
+
+
+def assert_same_bits(a, b, what):
+    """Bit for bit, but for the sign and payload of NaNs: which operand's
+    NaN a sum passes on follows the compiler's order of operands (x86 keeps
+    the first), which IEEE 754 leaves open."""
+    nan = np.isnan(a)
+    np.testing.assert_array_equal(nan, np.isnan(b), err_msg=str(what))
+    assert a[~nan].tobytes() == b[~nan].tobytes(), what
+
+
+def test_vector_width_needs_contiguous_aligned_channels():
+    def width(a, layout="NHWC"):
+        return _plan.vector_width(a.dtype, a.shape[3 if layout == "NHWC"
+                                                   else 1],
+                                  [(a, _plan.element_strides(a, layout))])
+
+    buffer = np.zeros(2 * 5 * 6 * 8 + 8, dtype=np.float32)
+    x = buffer[:2 * 5 * 6 * 8].reshape(2, 5, 6, 8)
+    assert x.ctypes.data % 16 == 0
+    assert width(x) == 4
+    assert width(x.astype(np.float64)) == 2
+    # misaligned start, channels not contiguous, odd channel count or
+    # strides: one channel per access
+    assert width(buffer[1:1 + 2 * 5 * 6 * 8].reshape(2, 5, 6, 8)) == 1
+    assert width(np.ascontiguousarray(np.moveaxis(x, 3, 1)), "NCHW") == 1
+    # channels_last memory read as NCHW (torch's channels_last)
+    assert width(np.moveaxis(x, 3, 1), "NCHW") == 4
+    assert width(x[..., :6]) == 1
+    assert width(np.zeros((2, 5, 6, 6), np.float32)) == 1
+    assert width(np.zeros((2, 5, 6, 6), np.float64)) == 2
+    assert width(x[..., ::2]) == 1
+    assert width(x[:, :, 1:]) == 4
+    assert _plan.grad_w_width((4, 4), 4) == 4
+    assert _plan.grad_w_width((9, 9), 4) == 1
+    assert _plan.grad_w_width((0, 2), 2) == 2
+
+
+def test_fixed_geometry_choice():
+    def fixed(h, w, **kwargs):
+        return _plan.fixed_geometry(make_geometry(h, w, **kwargs))
+
+    assert fixed(8, 8, kernel_size=2) == (2, 2)
+    assert fixed(9, 9, kernel_size=3, stride=2, padding=1) == (3, 2)
+    assert fixed(9, 9, kernel_size=3, stride=2, ceil_mode=True) == (3, 2)
+    assert fixed(8, 8, kernel_size=3) is None           # stride 3
+    assert fixed(8, 8, kernel_size=2, stride=1) is None
+    assert fixed(8, 8, kernel_size=(2, 3), stride=2) is None
+    assert fixed(8, 8, kernel_size=2, dilation=2) is None
 
 
 # -- backward paths, determinism, strides -----------------------------------
@@ -417,9 +534,25 @@ def test_name_expressions():
             == "sortpool_forward<float, 4, 4>")
     assert (_plan.name_expression("sortpool_backward_x_gather", np.float64)
             == "sortpool_backward_x_gather<double>")
+    assert (_plan.name_expression("sortpool_forward", np.float32, (0, 1),
+                                  (3, 2), 4)
+            == "sortpool_forward<float, 0, 1, 3, 2, 4>")
+    assert (_plan.name_expression("sortpool_backward_x_gather", np.float64,
+                                  None, (3, 2), 2)
+            == "sortpool_backward_x_gather<double, 3, 2, 2>")
+    with pytest.raises(ValueError, match="fixed geometry"):
+        _plan.name_expression("sortpool_forward", np.float32, (4, 4),
+                              width=4)
     names = _plan.all_name_expressions()
     assert len(names) == len(set(names))
-    assert len(names) == 2 * (3 * len(_plan.VARIANTS) + 2) + 2
+    # per dtype: 3 kernels per variant and 2 per dtype, then per fixed
+    # geometry and width (1 or the vector width) 3 kernels per variant it
+    # uses and a gather; 2 plain kernels
+    fixed = sum(2 * (3 * len(_plan.fixed_variants(size)) + 1)
+                for size, _ in _plan.FIXED_GEOMETRIES)
+    assert len(names) == 2 * (3 * len(_plan.VARIANTS) + 2 + fixed) + 2
+    assert _plan.fixed_variants(2) == ((0, 1), (4, 4))
+    assert _plan.fixed_variants(3) == ((0, 1), (0, 2), (9, 9))
 
 
 def test_plan_imports_without_cupy():
