@@ -85,7 +85,8 @@ SIGNATURES: Dict[str, List[Tuple[str, str]]] = {
         ("x", "ptr"), *_strides("xs"), ("gy", "ptr"), *_strides("gs"),
         ("per_channel", "int"), *_GEOMETRY, ("pad_value", "T"),
         ("channels_inner", "int"), ("columns_per_channel", "i64"),
-        ("partials", "ptr")],
+        ("partials", "ptr"), ("first_row", "i64"), ("table", "ptr"),
+        ("write_gx", "int"), ("gx", "ptr"), *_strides("gxs")],
     "sortpool_sum_columns": [
         ("src", "ptr"), ("rows", "i64"), ("cols", "i64"), ("group", "i64"),
         ("dst", "ptr")],
@@ -119,7 +120,7 @@ class LaunchConfig:
 
     block: int = 256
     max_grid: int = 1 << 20
-    grad_w_columns: int = 1 << 16
+    grad_w_columns: int = 1 << 18
     grad_w_budget: int = 1 << 22
     reduce_group: int = 64
 
@@ -340,10 +341,39 @@ def geometry_values(p: Problem) -> Dict[str, Any]:
         per_channel=int(p.per_channel))
 
 
+def _axis_positions(size: int, lead: int, trail: int, kernel: int,
+                    stride: int, dilation: int, out: int,
+                    padded: bool) -> np.ndarray:
+    taps = (np.arange(out)[:, None] * stride - lead
+            + np.arange(kernel)[None, :] * dilation)
+    lo, hi = (-lead, size + trail) if padded else (0, size)
+    return ((taps >= lo) & (taps < hi)).sum(axis=1)
+
+
+def fewest_window_positions(p: Problem) -> int:
+    """The smallest number of positions (n_o) any window of the problem
+    has: where it is at least pool_range, every window keeps all k
+    ranks."""
+    g, padded = p.geometry, p.pad_value is not None
+    rows = _axis_positions(g.height, g.pad_top, g.pad_bottom, g.kernel_h,
+                           g.stride_h, g.dilation_h, g.out_h, padded)
+    cols = _axis_positions(g.width, g.pad_left, g.pad_right, g.kernel_w,
+                           g.stride_w, g.dilation_w, g.out_w, padded)
+    return int(rows.min()) * int(cols.min())
+
+
+def grad_w_first_row(p: Problem) -> int:
+    """The first row (m * k + r) of the weight-gradient partial sums that
+    is stored: 0, or k * k where every window keeps all k ranks (only the
+    rows of m = k can then be non-zero)."""
+    k = p.pool_range
+    return k * k if fewest_window_positions(p) >= k else 0
+
+
 def grad_w_columns_per_channel(p: Problem, config: LaunchConfig) -> int:
     """Q: how many partial sums each channel's windows are split into."""
     windows = p.batch * p.geometry.out_h * p.geometry.out_w
-    slots = (p.pool_range + 1) * p.pool_range
+    slots = (p.pool_range + 1) * p.pool_range - grad_w_first_row(p)
     q = -(-config.grad_w_columns // max(p.channels, 1))
     q = min(q, config.grad_w_budget // max(p.channels * slots, 1))
     return max(1, min(q, windows))
@@ -448,21 +478,28 @@ class Plan:
                       **_prefixed("gxs", gxs))
         fixed = self.fixed()
         width = self._width(fixed, [(x, xs), (gy, gs), (grad_x, gxs)])
-        if windows_own_inputs(g):
+        owned = windows_own_inputs(g)
+        # fixed geometries write the owned dL/dx in the weight-gradient
+        # pass, which ranks the same windows
+        fused = owned and fixed is not None
+        if owned and not fused:
             self._run("sortpool_backward_x_owned", gy.size // width, values,
                       self.variant, fixed, width)
-        else:
+        elif not owned:
             self._run("sortpool_backward_x_gather", grad_x.size // width,
                       values, None, fixed, width)
 
         # dL/dw: per-column partials, then sums over columns in fixed
         # order, then the softmax formula.
         q = grad_w_columns_per_channel(p, self.config)
+        first_row = grad_w_first_row(p)
         slots = (k + 1) * k
+        stored = slots - first_row
         cols = q if p.per_channel else p.channels * q
-        rows = self.cw_count * slots
+        rows = self.cw_count * stored
         partials = xp.zeros((rows, cols), dtype=xp.float64)
-        values = dict(values, columns_per_channel=q, partials=partials)
+        values = dict(values, columns_per_channel=q, partials=partials,
+                      first_row=first_row, write_gx=int(fused))
         # the same columns, summed in the same order, whatever the width
         gw_width = grad_w_width(self.variant, width)
         self._run("sortpool_grad_w_partials", p.channels * q // gw_width,
@@ -475,6 +512,10 @@ class Plan:
             self._run("sortpool_sum_columns", rows * dst_cols, dict(
                 src=sums, rows=rows, cols=cols, group=group, dst=dst))
             sums, cols = dst, dst_cols
+        if first_row:
+            every = xp.zeros((self.cw_count, slots), dtype=xp.float64)
+            every[:, first_row:] = sums.reshape(self.cw_count, stored)
+            sums = every
         self._run("sortpool_grad_w_finish", self.cw_count, dict(
             sums=sums, table64=table64, cw_count=self.cw_count, k=k,
             raw=int(p.weighting == "raw"), grad_w=grad_w))

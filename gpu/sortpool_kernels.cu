@@ -216,7 +216,8 @@ template <typename T, int WIN>
 __device__ __forceinline__ void sp_order(T& va, int& sa, T& vb, int& sb) {
     const bool a_out = sa >= WIN;
     const bool b_out = sb >= WIN;
-    const bool swap = (a_out != b_out) ? a_out : sp_ranks_above(vb, sb, va, sa);
+    const bool swap =
+        (a_out != b_out) ? a_out : sp_ranks_above(vb, sb, va, sa);
     if (swap) {
         const T tv = va; va = vb; vb = tv;
         const int ts = sa; sa = sb; sb = ts;
@@ -752,17 +753,25 @@ __global__ void sortpool_backward_x_gather(
 //
 // Logical column p < C * Q belongs to channel c and handles the spatial
 // windows q, q + Q, q + 2Q, ... of that channel, in that order. Its sums go
-// to partials[cw][m * k + r][col] (cols = Q columns per row with per-channel
-// weights, C * Q with shared ones), which it alone writes: no atomics, and a
-// result that depends on Q but not on the launch geometry. The buffer must
-// be zeroed by the caller.
+// to partials[cw][m * k + r - first_row][col] (cols = Q columns per row
+// with per-channel weights, C * Q with shared ones), which it alone writes:
+// no atomics, and a result that depends on Q but not on the launch
+// geometry. The buffer must be zeroed by the caller. first_row is 0, or
+// k * k where no window keeps fewer than k ranks (only the rows of m = k
+// are stored).
+//
+// With write_gx (fixed geometries whose windows own their inputs), the
+// step of a window also writes its inputs' dL/dx as
+// sortpool_backward_x_owned does: one pass over x and grad_y for both.
 
 template <typename T, int WIN, int KMAX, int KS = 0, int ST = 0, int V = 1>
 __global__ void sortpool_grad_w_partials(
     const T* __restrict__ x, SP_STRIDES(xs), const T* __restrict__ gy,
     SP_STRIDES(gs), int per_channel, SP_GEOMETRY_PARAMS, T pad_value,
     int channels_inner, sp_i64 columns_per_channel,
-    double* __restrict__ partials) {
+    double* __restrict__ partials, sp_i64 first_row,
+    const T* __restrict__ table, int write_gx, T* __restrict__ gx,
+    SP_STRIDES(gxs)) {
     static_assert(KS > 0 || V == 1, "channel vectors need a fixed window");
     const SpFixed<KS, ST> g{SP_GEOMETRY_INIT};
     const sp_i64 Q = columns_per_channel;
@@ -770,7 +779,8 @@ __global__ void sortpool_grad_w_partials(
     // V columns (of V neighbouring channels, same q) per loop step
     const sp_i64 steps = (sp_i64)groups * Q;
     const sp_i64 cols = per_channel ? Q : (sp_i64)g.C * Q;
-    const sp_i64 slots = (sp_i64)(g.k + 1) * g.k;
+    // rows of one weight row cw in partials
+    const sp_i64 slots = (sp_i64)(g.k + 1) * g.k - first_row;
     const sp_i64 windows = (sp_i64)g.N * g.out_h * g.out_w;
     constexpr int CAP = SpCapacity<WIN, KMAX>::value;
     for (sp_i64 p = sp_first_index(); p < steps; p += sp_index_step()) {
@@ -801,11 +811,13 @@ __global__ void sortpool_grad_w_partials(
                 const T* plane = x + n * xs_n + c * xs_c;
                 const SpVec<T, V> go = sp_vload<T, V>(
                     gy + n * gs_n + oh * gs_h + ow * gs_w + c * gs_c);
+                const int h0 = oh * ST - g.pt;
+                const int w0 = ow * ST - g.pl;
                 SpVec<T, V> vals[NT];
                 bool ok[NT];
-                sp_load_window<T, V, KS>(plane, xs_h, xs_w, g,
-                                         oh * ST - g.pt, ow * ST - g.pl,
+                sp_load_window<T, V, KS>(plane, xs_h, xs_w, g, h0, w0,
                                          pad_value, vals, ok);
+                SpVec<T, V> res[NT];
 #pragma unroll
                 for (int l = 0; l < V; ++l) {
                     T lane[NT];
@@ -815,6 +827,22 @@ __global__ void sortpool_grad_w_partials(
                     const int m = sp_select_loaded<T, WIN, KMAX>(
                         lane, ok, g.k, top, pos);
                     const double gol = (double)go.v[l];
+                    if (write_gx) {
+                        const T* pr = table +
+                            ((sp_i64)(per_channel ? c + l : 0) * (g.k + 1) +
+                             m) * g.k;
+#pragma unroll
+                        for (int u = 0; u < NT; ++u) {
+                            T value = T(0);
+#pragma unroll
+                            for (int r = 0; r < CAP; ++r) {
+                                if (r < m && pos[r] == u) {
+                                    value = go.v[l] * pr[r];
+                                }
+                            }
+                            res[u].v[l] = value;
+                        }
+                    }
                     if (m == g.k) {
 #pragma unroll
                         for (int r = 0; r < CAP; ++r) {
@@ -825,9 +853,21 @@ __global__ void sortpool_grad_w_partials(
 #pragma unroll
                         for (int r = 0; r < CAP; ++r) {
                             if (r < m) {
-                                pl[((sp_i64)m * g.k + r) * cols] +=
+                                const sp_i64 row = (sp_i64)m * g.k + r;
+                                pl[(row - first_row) * cols] +=
                                     gol * (double)top[r];
                             }
+                        }
+                    }
+                }
+                if (write_gx) {
+                    T* out = gx + n * gxs_n + c * gxs_c;
+#pragma unroll
+                    for (int u = 0; u < NT; ++u) {
+                        const int h = h0 + u / KS;
+                        const int col = w0 + u % KS;
+                        if (h >= 0 && h < g.H && col >= 0 && col < g.W) {
+                            sp_vstore(out + h * gxs_h + col * gxs_w, res[u]);
                         }
                     }
                 }
@@ -837,7 +877,8 @@ __global__ void sortpool_grad_w_partials(
 #pragma unroll
                 for (int r = 0; r < CAP; ++r) {
                     if (r < g.k) {
-                        part[l * lane_step + ((sp_i64)g.k * g.k + r) * cols] =
+                        const sp_i64 row = (sp_i64)g.k * g.k + r;
+                        part[l * lane_step + (row - first_row) * cols] =
                             full[l][r];
                     }
                 }
@@ -872,7 +913,8 @@ __global__ void sortpool_grad_w_partials(
                                 plane, xs_h, xs_w, g, h0, w0, pad_value, v, sc,
                                 m);
                             if (rank < m) {
-                                part[((sp_i64)m * g.k + rank) * cols] +=
+                                const sp_i64 row = (sp_i64)m * g.k + rank;
+                                part[(row - first_row) * cols] +=
                                     go * (double)v;
                             }
                         }
@@ -891,7 +933,8 @@ __global__ void sortpool_grad_w_partials(
 #pragma unroll
                         for (int r = 0; r < CAP; ++r) {
                             if (r < m) {
-                                part[((sp_i64)m * g.k + r) * cols] +=
+                                const sp_i64 row = (sp_i64)m * g.k + r;
+                                part[(row - first_row) * cols] +=
                                     go * (double)top[r];
                             }
                         }
@@ -902,7 +945,8 @@ __global__ void sortpool_grad_w_partials(
 #pragma unroll
                 for (int r = 0; r < CAP; ++r) {
                     if (r < g.k) {
-                        part[((sp_i64)g.k * g.k + r) * cols] = full[r];
+                        const sp_i64 row = (sp_i64)g.k * g.k + r;
+                        part[(row - first_row) * cols] = full[r];
                     }
                 }
             }

@@ -299,7 +299,7 @@ def test_fixed_geometry_kernels(runner, dtype, channels, layout,
     count allows), for every pool_range, with padding, pad_value and
     ceil_mode; they match the reference and give the bits of the kernels
     for any geometry."""
-    seed = 0
+    seed = owned_seen = 0
     width = _plan.VECTOR_WIDTHS[np.dtype(dtype)]
     for form in FIXED_FORMS:
         size = form["kernel_size"]
@@ -326,14 +326,23 @@ def test_fixed_geometry_kernels(runner, dtype, channels, layout,
             expect = width if vectors else 1
             assert {n.rsplit(", ", 1)[1] for n in fixed
                     if "forward" in n} == {f"{expect}>"}, runner.launched
-            assert any("x_gather" in n or "x_owned" in n for n in fixed)
             assert any("grad_w" in n for n in fixed)
+            geometry = make_geometry(*hw, **{
+                key: v for key, v in form.items() if key != "pad_value"})
+            if _plan.windows_own_inputs(geometry):
+                # dL/dx written by the weight-gradient pass
+                assert not any("x_owned" in n or "x_gather" in n
+                               for n in runner.launched), runner.launched
+                owned_seen += 1
+            else:
+                assert any("x_gather" in n for n in fixed)
             monkeypatch.setattr(_plan, "fixed_geometry", lambda geometry:
                                 None)
             general = runner.run(x, w, g, kwargs)
             assert not any(f", {size}, 2, " in n for n in runner.launched)
             for a, b in zip(got, general):
                 assert_same_bits(a, b, (form, k))
+    assert owned_seen >= 8
 
 
 def assert_same_bits(a, b, what):
@@ -372,6 +381,26 @@ def test_vector_width_needs_contiguous_aligned_channels():
     assert _plan.grad_w_width((0, 2), 2) == 2
 
 
+@pytest.mark.parametrize("kwargs, fewest", [
+    (dict(kernel_size=2), 4),
+    (dict(kernel_size=3, stride=2, padding=1), 4),          # corners 2x2
+    (dict(kernel_size=3, stride=2, padding=1, pad_value=0.0), 9),
+    # ceil_mode: the last row of windows overhangs row 7 by one (2 x 3)
+    (dict(kernel_size=3, stride=2, ceil_mode=True), 6),
+    # and with padding, the padding row 8 by one
+    (dict(kernel_size=3, stride=2, padding=1, ceil_mode=True,
+          pad_value=0.0), 6),
+])
+def test_fewest_window_positions(kwargs, fewest):
+    x = np.zeros((1, 8, 9, 1))
+    for k in (1, fewest, fewest + 1):
+        if k > kwargs["kernel_size"] ** 2:
+            continue
+        p = _problem(x, np.zeros(k), **kwargs)
+        assert _plan.fewest_window_positions(p) == fewest
+        assert _plan.grad_w_first_row(p) == (k * k if k <= fewest else 0)
+
+
 def test_fixed_geometry_choice():
     def fixed(h, w, **kwargs):
         return _plan.fixed_geometry(make_geometry(h, w, **kwargs))
@@ -408,23 +437,39 @@ def test_disjoint_dilated_windows_own_inputs():
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_owned_and_gather_backward_agree(host_library, dtype, monkeypatch):
+    """The three ways to dL/dx of windows that own their inputs (the
+    weight-gradient pass of the fixed 2x2 kernels, the owned kernel, the
+    gather, fixed or general) give the same bits."""
     x = array_of("ties", (2, 3, 8, 6), dtype, 3)
     w = np.array([0.3, -0.2, 0.1])
     kwargs = dict(kernel_size=2, layout="NCHW", pad_value=0.0)
     runner = HostRunner(host_library)
     p = _problem(x, w, **kwargs)
-    plan, launcher = runner.plan(p, TINY)
     g = np.random.default_rng(0).normal(size=p.out_shape).astype(dtype)
-    owned = plan.backward(g, x, w)
-    assert any("owned" in n for n in launcher.launched)
-    monkeypatch.setattr(_plan, "windows_own_inputs", lambda geometry: False)
-    plan, launcher = runner.plan(p, TINY)
-    gathered = plan.backward(g, x, w)
-    assert any("gather" in n for n in launcher.launched)
+    results = {}
+
+    def run(label, expect):
+        plan, launcher = runner.plan(p, TINY)
+        results[label] = plan.backward(g, x, w)
+        assert [n for n in launcher.launched if expect in n], \
+            launcher.launched
+        if label == "fused":
+            assert not [n for n in launcher.launched if "_x_" in n]
+
+    run("fused", "sortpool_grad_w_partials<")
+    with monkeypatch.context() as patch:
+        patch.setattr(_plan, "fixed_geometry", lambda geometry: None)
+        run("owned", "x_owned<")
+    with monkeypatch.context() as patch:
+        patch.setattr(_plan, "windows_own_inputs", lambda geometry: False)
+        run("fixed gather", "x_gather<" + _plan.c_type(dtype) + ", 2, 2")
+        patch.setattr(_plan, "fixed_geometry", lambda geometry: None)
+        run("gather", "x_gather<" + _plan.c_type(dtype) + ">")
     check_against_reference(runner, x, w, kwargs)
     # the same sums in the same order: bit for bit
-    assert owned[0].tobytes() == gathered[0].tobytes()
-    assert owned[1].tobytes() == gathered[1].tobytes()
+    for label in ("owned", "fixed gather", "gather"):
+        for a, b in zip(results["fused"], results[label]):
+            assert a.tobytes() == b.tobytes(), label
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
