@@ -96,12 +96,16 @@ SIGNATURES: Dict[str, List[Tuple[str, str]]] = {
 }
 SIGNATURES["sortpool_backward_x_gather"] = \
     SIGNATURES["sortpool_backward_x_owned"]
+SIGNATURES["sortpool_backward_x_cells"] = \
+    SIGNATURES["sortpool_backward_x_owned"]
 
 #: Kernels templated on (T, WIN, KMAX), on T only, and not templated.
 VARIANT_KERNELS = ("sortpool_forward", "sortpool_backward_x_owned",
                    "sortpool_grad_w_partials")
 DTYPE_KERNELS = ("sortpool_rank_weights", "sortpool_backward_x_gather")
 PLAIN_KERNELS = ("sortpool_sum_columns", "sortpool_grad_w_finish")
+#: Templated on (T, KS, ST, V) only: fixed geometries only.
+FIXED_KERNELS = ("sortpool_backward_x_cells",)
 
 _INT32_MAX = 2**31 - 1
 
@@ -165,9 +169,13 @@ def name_expression(kernel: str, dtype: Any = None,
     if fixed is None and width != 1:
         raise ValueError("channel vectors need a fixed geometry")
     tail = "" if fixed is None else f", {fixed[0]}, {fixed[1]}, {width}"
-    if kernel == "sortpool_backward_x_gather":
+    if kernel in FIXED_KERNELS and fixed is None:
+        raise ValueError(f"{kernel} needs a fixed geometry")
+    if kernel in FIXED_KERNELS:
         return f"{kernel}<{c_type(dtype)}{tail}>"
     if kernel in DTYPE_KERNELS:
+        if fixed is not None:
+            raise ValueError(f"{kernel} has no fixed-geometry form")
         return f"{kernel}<{c_type(dtype)}>"
     if kernel in VARIANT_KERNELS:
         win, kmax = variant
@@ -195,8 +203,8 @@ def _fixed_name_expressions(dtype: Any,
         for width in (1, VECTOR_WIDTHS[np.dtype(dtype)]):
             names += [name_expression(k, dtype, variant, fixed, width)
                       for k in VARIANT_KERNELS]
-            names.append(name_expression("sortpool_backward_x_gather",
-                                         dtype, None, fixed, width))
+            names += [name_expression(k, dtype, None, fixed, width)
+                      for k in FIXED_KERNELS]
     return names
 
 
@@ -482,12 +490,20 @@ class Plan:
         # fixed geometries write the owned dL/dx in the weight-gradient
         # pass, which ranks the same windows
         fused = owned and fixed is not None
-        if owned and not fused:
+        if fused:
+            pass  # written by the weight-gradient pass below
+        elif owned:
             self._run("sortpool_backward_x_owned", gy.size // width, values,
                       self.variant, fixed, width)
-        elif not owned:
-            self._run("sortpool_backward_x_gather", grad_x.size // width,
-                      values, None, fixed, width)
+        elif fixed is not None:
+            stride = fixed[1]
+            cells = (p.batch * p.channels * -(-(g.height + g.pad_top)
+                                             // stride)
+                     * -(-(g.width + g.pad_left) // stride))
+            self._run("sortpool_backward_x_cells", cells // width, values,
+                      None, fixed, width)
+        else:
+            self._run("sortpool_backward_x_gather", grad_x.size, values)
 
         # dL/dw: per-column partials, then sums over columns in fixed
         # order, then the softmax formula.

@@ -650,99 +650,145 @@ __global__ void sortpool_backward_x_owned(
 // increasing (oh, ow) as the Numba engine accumulates, using its rank in
 // each. Every input is written exactly once.
 
-template <typename T, int KS = 0, int ST = 0, int V = 1>
+template <typename T>
 __global__ void sortpool_backward_x_gather(
     const T* __restrict__ x, SP_STRIDES(xs), const T* __restrict__ gy,
     SP_STRIDES(gs), const T* __restrict__ table, int per_channel,
     SP_GEOMETRY_PARAMS, T pad_value, int channels_inner, T* __restrict__ gx,
     SP_STRIDES(gxs)) {
-    static_assert(KS > 0 || V == 1, "channel vectors need a fixed window");
+    const SpGeometry g = SP_GEOMETRY_INIT;
+    const sp_i64 total = (sp_i64)g.N * g.C * g.H * g.W;
+    for (sp_i64 t = sp_first_index(); t < total; t += sp_index_step()) {
+        int n, c, h, col;
+        sp_split(t, channels_inner, g.C, g.H, g.W, n, c, h, col);
+        const T* plane = x + n * xs_n + c * xs_c;
+        const T* gplane = gy + n * gs_n + c * gs_c;
+        const T v = plane[h * xs_h + col * xs_w];
+        const T* tab =
+            table + (sp_i64)(per_channel ? c : 0) * (g.k + 1) * g.k;
+        T acc = T(0);
+        for (int i = g.kh - 1; i >= 0; --i) {
+            const int th = h + g.pt - i * g.dh;
+            if (th < 0 || th % g.sh != 0) continue;
+            const int oh = th / g.sh;
+            if (oh >= g.out_h) continue;
+            const int h0 = oh * g.sh - g.pt;
+            for (int j = g.kw - 1; j >= 0; --j) {
+                const int tw = col + g.pl - j * g.dw;
+                if (tw < 0 || tw % g.sw != 0) continue;
+                const int ow = tw / g.sw;
+                if (ow >= g.out_w) continue;
+                const int w0 = ow * g.sw - g.pl;
+                const int m = sp_kept_ranks(g, h0, w0);
+                const int rank = sp_rank_in_window(plane, xs_h, xs_w, g, h0,
+                                                   w0, pad_value, v,
+                                                   i * g.kw + j, m);
+                if (rank < m) {
+                    acc += gplane[oh * gs_h + ow * gs_w] *
+                           tab[(sp_i64)m * g.k + rank];
+                }
+            }
+        }
+        gx[n * gxs_n + h * gxs_h + col * gxs_w + c * gxs_c] = acc;
+    }
+}
+
+// Backward, dL/dx of overlapping windows, fixed geometries: one step per
+// cell of ST x ST inputs (rows a * ST - pt + u, columns b * ST - pl + v,
+// u, v < ST) and V channels. The windows that contain any input of cell
+// (a, b) are (oh, ow) with a - WR < oh <= a and b - WR < ow <= b; the step
+// loads each of them once and adds its share to every input of the cell it
+// contains, windows in increasing (oh, ow) as the gather does, so that both
+// give the same bits. Every input lies in one cell and is written once.
+
+template <typename T, int KS, int ST, int V>
+__global__ void sortpool_backward_x_cells(
+    const T* __restrict__ x, SP_STRIDES(xs), const T* __restrict__ gy,
+    SP_STRIDES(gs), const T* __restrict__ table, int per_channel,
+    SP_GEOMETRY_PARAMS, T pad_value, int channels_inner, T* __restrict__ gx,
+    SP_STRIDES(gxs)) {
+    static_assert(KS > 0 && ST > 0, "cells need a fixed geometry");
+    constexpr int WR = (KS - 1) / ST + 1;  // windows per axis over a cell
+    constexpr int NT = KS * KS;
     const SpFixed<KS, ST> g{SP_GEOMETRY_INIT};
     const int groups = g.C / V;
-    const sp_i64 total = (sp_i64)g.N * groups * g.H * g.W;
+    const int cell_rows = (g.H + g.pt + ST - 1) / ST;
+    const int cell_cols = (g.W + g.pl + ST - 1) / ST;
+    const sp_i64 total = (sp_i64)g.N * groups * cell_rows * cell_cols;
     for (sp_i64 t = sp_first_index(); t < total; t += sp_index_step()) {
-        int n, cg, h, col;
-        sp_split(t, channels_inner, groups, g.H, g.W, n, cg, h, col);
+        int n, cg, a, b;
+        sp_split(t, channels_inner, groups, cell_rows, cell_cols, n, cg, a,
+                 b);
         const int c = cg * V;
         const T* plane = x + n * xs_n + c * xs_c;
         const T* gplane = gy + n * gs_n + c * gs_c;
-        T* out = gx + n * gxs_n + h * gxs_h + col * gxs_w + c * gxs_c;
-        if constexpr (KS > 0) {
-            constexpr int NT = KS * KS;
-            const SpVec<T, V> v =
-                sp_vload<T, V>(plane + h * xs_h + col * xs_w);
-            SpVec<T, V> acc = sp_vfill<T, V>(T(0));
+        SpVec<T, V> acc[ST][ST];
 #pragma unroll
-            for (int i = KS - 1; i >= 0; --i) {
-                const int th = h + g.pt - i;
-                if (th < 0 || th % ST != 0) continue;
-                const int oh = th / ST;
-                if (oh >= g.out_h) continue;
+        for (int u = 0; u < ST; ++u) {
+#pragma unroll
+            for (int v = 0; v < ST; ++v) acc[u][v] = sp_vfill<T, V>(T(0));
+        }
+#pragma unroll
+        for (int dy = 0; dy < WR; ++dy) {
+            const int oh = a - (WR - 1) + dy;
+            if (oh < 0 || oh >= g.out_h) continue;
+#pragma unroll
+            for (int dx = 0; dx < WR; ++dx) {
+                const int ow = b - (WR - 1) + dx;
+                if (ow < 0 || ow >= g.out_w) continue;
                 const int h0 = oh * ST - g.pt;
+                const int w0 = ow * ST - g.pl;
+                SpVec<T, V> vals[NT];
+                bool ok[NT];
+                sp_load_window<T, V, KS>(plane, xs_h, xs_w, g, h0, w0,
+                                         pad_value, vals, ok);
+                int usable = 0;
 #pragma unroll
-                for (int j = KS - 1; j >= 0; --j) {
-                    const int tw = col + g.pl - j;
-                    if (tw < 0 || tw % ST != 0) continue;
-                    const int ow = tw / ST;
-                    if (ow >= g.out_w) continue;
-                    const int w0 = ow * ST - g.pl;
-                    const int s = i * KS + j;
-                    SpVec<T, V> vals[NT];
-                    bool ok[NT];
-                    sp_load_window<T, V, KS>(plane, xs_h, xs_w, g, h0, w0,
-                                             pad_value, vals, ok);
-                    int usable = 0;
+                for (int q = 0; q < NT; ++q) usable += ok[q];
+                const int m = sp_min(g.k, usable);
+                const SpVec<T, V> go =
+                    sp_vload<T, V>(gplane + oh * gs_h + ow * gs_w);
 #pragma unroll
-                    for (int q = 0; q < NT; ++q) usable += ok[q];
-                    const int m = sp_min(g.k, usable);
-                    const SpVec<T, V> go =
-                        sp_vload<T, V>(gplane + oh * gs_h + ow * gs_w);
+                for (int u = 0; u < ST; ++u) {
+                    const int i = (WR - 1 - dy) * ST + u;  // tap row
+                    const int h = a * ST - g.pt + u;
+                    if (i >= KS || h < 0 || h >= g.H) continue;
 #pragma unroll
-                    for (int l = 0; l < V; ++l) {
-                        int rank = 0;
+                    for (int v = 0; v < ST; ++v) {
+                        const int j = (WR - 1 - dx) * ST + v;
+                        const int col = b * ST - g.pl + v;
+                        if (j >= KS || col < 0 || col >= g.W) continue;
+                        const int s = i * KS + j;
 #pragma unroll
-                        for (int q = 0; q < NT; ++q) {
-                            rank += q != s && ok[q] &&
-                                    sp_ranks_above(vals[q].v[l], q, v.v[l],
-                                                   s);
-                        }
-                        if (rank < m) {
-                            acc.v[l] += go.v[l] *
-                                table[((sp_i64)(per_channel ? c + l : 0) *
-                                           (g.k + 1) + m) * g.k + rank];
+                        for (int l = 0; l < V; ++l) {
+                            int rank = 0;
+#pragma unroll
+                            for (int q = 0; q < NT; ++q) {
+                                rank += q != s && ok[q] &&
+                                        sp_ranks_above(vals[q].v[l], q,
+                                                       vals[s].v[l], s);
+                            }
+                            if (rank < m) {
+                                acc[u][v].v[l] += go.v[l] *
+                                    table[((sp_i64)(per_channel ? c + l : 0) *
+                                               (g.k + 1) + m) * g.k + rank];
+                            }
                         }
                     }
                 }
             }
-            sp_vstore(out, acc);
-        } else {
-            const T v = plane[h * xs_h + col * xs_w];
-            const T* tab =
-                table + (sp_i64)(per_channel ? c : 0) * (g.k + 1) * g.k;
-            T acc = T(0);
-            for (int i = g.kh - 1; i >= 0; --i) {
-                const int th = h + g.pt - i * g.dh;
-                if (th < 0 || th % g.sh != 0) continue;
-                const int oh = th / g.sh;
-                if (oh >= g.out_h) continue;
-                const int h0 = oh * g.sh - g.pt;
-                for (int j = g.kw - 1; j >= 0; --j) {
-                    const int tw = col + g.pl - j * g.dw;
-                    if (tw < 0 || tw % g.sw != 0) continue;
-                    const int ow = tw / g.sw;
-                    if (ow >= g.out_w) continue;
-                    const int w0 = ow * g.sw - g.pl;
-                    const int m = sp_kept_ranks(g, h0, w0);
-                    const int rank = sp_rank_in_window(
-                        plane, xs_h, xs_w, g, h0, w0, pad_value, v,
-                        i * g.kw + j, m);
-                    if (rank < m) {
-                        acc += gplane[oh * gs_h + ow * gs_w] *
-                               tab[(sp_i64)m * g.k + rank];
-                    }
-                }
+        }
+        T* out = gx + n * gxs_n + c * gxs_c;
+#pragma unroll
+        for (int u = 0; u < ST; ++u) {
+            const int h = a * ST - g.pt + u;
+            if (h < 0 || h >= g.H) continue;
+#pragma unroll
+            for (int v = 0; v < ST; ++v) {
+                const int col = b * ST - g.pl + v;
+                if (col < 0 || col >= g.W) continue;
+                sp_vstore(out + h * gxs_h + col * gxs_w, acc[u][v]);
             }
-            *out = acc;
         }
     }
 }

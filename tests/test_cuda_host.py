@@ -335,7 +335,7 @@ def test_fixed_geometry_kernels(runner, dtype, channels, layout,
                                for n in runner.launched), runner.launched
                 owned_seen += 1
             else:
-                assert any("x_gather" in n for n in fixed)
+                assert any("x_cells" in n for n in fixed)
             monkeypatch.setattr(_plan, "fixed_geometry", lambda geometry:
                                 None)
             general = runner.run(x, w, g, kwargs)
@@ -437,9 +437,10 @@ def test_disjoint_dilated_windows_own_inputs():
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_owned_and_gather_backward_agree(host_library, dtype, monkeypatch):
-    """The three ways to dL/dx of windows that own their inputs (the
+    """The four ways to dL/dx of windows that own their inputs (the
     weight-gradient pass of the fixed 2x2 kernels, the owned kernel, the
-    gather, fixed or general) give the same bits."""
+    cells of the fixed kernels for overlapping windows, the gather) give
+    the same bits."""
     x = array_of("ties", (2, 3, 8, 6), dtype, 3)
     w = np.array([0.3, -0.2, 0.1])
     kwargs = dict(kernel_size=2, layout="NCHW", pad_value=0.0)
@@ -462,12 +463,12 @@ def test_owned_and_gather_backward_agree(host_library, dtype, monkeypatch):
         run("owned", "x_owned<")
     with monkeypatch.context() as patch:
         patch.setattr(_plan, "windows_own_inputs", lambda geometry: False)
-        run("fixed gather", "x_gather<" + _plan.c_type(dtype) + ", 2, 2")
+        run("cells", "x_cells<" + _plan.c_type(dtype) + ", 2, 2")
         patch.setattr(_plan, "fixed_geometry", lambda geometry: None)
         run("gather", "x_gather<" + _plan.c_type(dtype) + ">")
     check_against_reference(runner, x, w, kwargs)
     # the same sums in the same order: bit for bit
-    for label in ("owned", "fixed gather", "gather"):
+    for label in ("owned", "cells", "gather"):
         for a, b in zip(results["fused"], results[label]):
             assert a.tobytes() == b.tobytes(), label
 
@@ -582,17 +583,22 @@ def test_name_expressions():
     assert (_plan.name_expression("sortpool_forward", np.float32, (0, 1),
                                   (3, 2), 4)
             == "sortpool_forward<float, 0, 1, 3, 2, 4>")
-    assert (_plan.name_expression("sortpool_backward_x_gather", np.float64,
+    assert (_plan.name_expression("sortpool_backward_x_cells", np.float64,
                                   None, (3, 2), 2)
-            == "sortpool_backward_x_gather<double, 3, 2, 2>")
+            == "sortpool_backward_x_cells<double, 3, 2, 2>")
     with pytest.raises(ValueError, match="fixed geometry"):
         _plan.name_expression("sortpool_forward", np.float32, (4, 4),
                               width=4)
+    with pytest.raises(ValueError, match="needs a fixed geometry"):
+        _plan.name_expression("sortpool_backward_x_cells", np.float32)
+    with pytest.raises(ValueError, match="no fixed-geometry form"):
+        _plan.name_expression("sortpool_backward_x_gather", np.float32,
+                              None, (3, 2))
     names = _plan.all_name_expressions()
     assert len(names) == len(set(names))
     # per dtype: 3 kernels per variant and 2 per dtype, then per fixed
     # geometry and width (1 or the vector width) 3 kernels per variant it
-    # uses and a gather; 2 plain kernels
+    # uses and the cells backward; 2 plain kernels
     fixed = sum(2 * (3 * len(_plan.fixed_variants(size)) + 1)
                 for size, _ in _plan.FIXED_GEOMETRIES)
     assert len(names) == 2 * (3 * len(_plan.VARIANTS) + 2 + fixed) + 2
