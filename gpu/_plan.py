@@ -52,10 +52,12 @@ FIXED_GEOMETRIES = ((2, 2), (3, 2))
 #: kernels, where the channels are contiguous and aligned; 1 elsewhere.
 VECTOR_WIDTHS = {np.dtype(np.float32): 4, np.dtype(np.float64): 2}
 
-#: Registers (values held per thread) that the weight-gradient kernel may
-#: spend on its per-channel partial sums: channel vectors are narrowed to
-#: one channel where the ranking capacity times the width exceeds it.
-GRAD_W_LANE_BUDGET = 16
+#: Ranked values a thread may hold at once (ranking capacity times channel
+#: vector width) in the kernels that rank windows: channel vectors are
+#: narrowed to one channel beyond it. On an H200, 3x3 windows ranked by
+#: the 9-key network ran their forward 16% slower with 4 channels per step
+#: than with one (register pressure).
+LANE_BUDGET = 16
 
 _GEOMETRY = [(name, "int") for name in (
     "N", "C", "H", "W", "out_h", "out_w", "kh", "kw", "sh", "sw", "dh", "dw",
@@ -282,13 +284,13 @@ def vector_width(dtype: Any, channels: int,
     return width if ok else 1
 
 
-def grad_w_width(variant: Tuple[int, int], width: int) -> int:
-    """The channel vector width of the weight-gradient kernel: ``width``
-    unless its partial sums (capacity x width) would exceed
-    :data:`GRAD_W_LANE_BUDGET`, then 1."""
+def ranking_width(variant: Tuple[int, int], width: int) -> int:
+    """The channel vector width of a kernel that ranks windows with
+    ``variant``: ``width`` unless the values it holds (capacity x width)
+    would exceed :data:`LANE_BUDGET`, then 1."""
     win, kmax = variant
     capacity = win if win > 0 else max(kmax, 1)
-    return width if capacity * width <= GRAD_W_LANE_BUDGET else 1
+    return width if capacity * width <= LANE_BUDGET else 1
 
 
 def grid_for(total: int, config: LaunchConfig) -> int:
@@ -463,7 +465,8 @@ class Plan:
                       channels_inner=self._inner(xs),
                       **_prefixed("xs", xs), **_prefixed("ys", ys))
         fixed = self.fixed()
-        width = self._width(fixed, [(x, xs), (y, ys)])
+        width = ranking_width(self.variant,
+                              self._width(fixed, [(x, xs), (y, ys)]))
         self._run("sortpool_forward", y.size // width, values, self.variant,
                   fixed, width)
         return y
@@ -493,8 +496,9 @@ class Plan:
         if fused:
             pass  # written by the weight-gradient pass below
         elif owned:
-            self._run("sortpool_backward_x_owned", gy.size // width, values,
-                      self.variant, fixed, width)
+            owned_width = ranking_width(self.variant, width)
+            self._run("sortpool_backward_x_owned", gy.size // owned_width,
+                      values, self.variant, fixed, owned_width)
         elif fixed is not None:
             stride = fixed[1]
             cells = (p.batch * p.channels * -(-(g.height + g.pad_top)
@@ -517,7 +521,7 @@ class Plan:
         values = dict(values, columns_per_channel=q, partials=partials,
                       first_row=first_row, write_gx=int(fused))
         # the same columns, summed in the same order, whatever the width
-        gw_width = grad_w_width(self.variant, width)
+        gw_width = ranking_width(self.variant, width)
         self._run("sortpool_grad_w_partials", p.channels * q // gw_width,
                   values, self.variant, fixed, gw_width)
         sums = partials

@@ -323,7 +323,8 @@ def test_fixed_geometry_kernels(runner, dtype, channels, layout,
             got = runner.run(x, w, g, kwargs)
             fixed = [n for n in runner.launched if f", {size}, 2, " in n]
             vectors = layout == "NHWC" and channels % width == 0
-            expect = width if vectors else 1
+            expect = _plan.ranking_width(
+                _plan.variant_for(size * size, k), width) if vectors else 1
             assert {n.rsplit(", ", 1)[1] for n in fixed
                     if "forward" in n} == {f"{expect}>"}, runner.launched
             assert any("grad_w" in n for n in fixed)
@@ -335,7 +336,9 @@ def test_fixed_geometry_kernels(runner, dtype, channels, layout,
                                for n in runner.launched), runner.launched
                 owned_seen += 1
             else:
-                assert any("x_cells" in n for n in fixed)
+                cells = [n for n in fixed if "x_cells" in n]
+                assert cells and cells[0].endswith(
+                    f", {width if vectors else 1}>"), cells
             monkeypatch.setattr(_plan, "fixed_geometry", lambda geometry:
                                 None)
             general = runner.run(x, w, g, kwargs)
@@ -376,9 +379,9 @@ def test_vector_width_needs_contiguous_aligned_channels():
     assert width(np.zeros((2, 5, 6, 6), np.float64)) == 2
     assert width(x[..., ::2]) == 1
     assert width(x[:, :, 1:]) == 4
-    assert _plan.grad_w_width((4, 4), 4) == 4
-    assert _plan.grad_w_width((9, 9), 4) == 1
-    assert _plan.grad_w_width((0, 2), 2) == 2
+    assert _plan.ranking_width((4, 4), 4) == 4
+    assert _plan.ranking_width((9, 9), 4) == 1
+    assert _plan.ranking_width((0, 2), 2) == 2
 
 
 @pytest.mark.parametrize("kwargs, fewest", [
