@@ -12,6 +12,7 @@ same code drives the kernels on a GPU (``xp = cupy``, ``launch`` calls a
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import (Any, Callable, Dict, List, Optional, Sequence,
@@ -93,8 +94,9 @@ SIGNATURES: Dict[str, List[Tuple[str, str]]] = {
         ("src", "ptr"), ("rows", "i64"), ("cols", "i64"), ("group", "i64"),
         ("dst", "ptr")],
     "sortpool_grad_w_finish": [
-        ("sums", "ptr"), ("table64", "ptr"), ("cw_count", "int"),
-        ("k", "int"), ("raw", "int"), ("grad_w", "ptr")],
+        ("sums", "ptr"), ("first_row", "i64"), ("table64", "ptr"),
+        ("cw_count", "int"), ("k", "int"), ("raw", "int"),
+        ("grad_w", "ptr")],
 }
 SIGNATURES["sortpool_backward_x_gather"] = \
     SIGNATURES["sortpool_backward_x_owned"]
@@ -185,6 +187,7 @@ def name_expression(kernel: str, dtype: Any = None,
     raise ValueError(f"unknown kernel {kernel!r}")
 
 
+@functools.lru_cache(maxsize=256)
 def fixed_variants(kernel_size: int) -> Tuple[Tuple[int, int], ...]:
     """The variants :func:`variant_for` picks for a square window of this
     size: those instantiated with the geometry fixed."""
@@ -237,20 +240,26 @@ def pack_args(kernel: str, dtype: Any, values: Dict[str, Any]) -> tuple:
     """Kernel arguments in declaration order, each scalar as exactly the C
     type declared (np.int32, np.int64 or the compute dtype); arrays for
     pointers are passed through."""
-    scalar = {"int": np.int32, "i64": np.int64, "T": np.dtype(dtype).type}
+    scalar = np.dtype(dtype).type
     args = []
+    append = args.append
     for name, kind in SIGNATURES[kernel]:
         value = values[name]
         if kind == "ptr":
-            args.append(value)
-            continue
-        if kind == "int" and not -2**31 <= int(value) <= _INT32_MAX:
-            raise OverflowError(f"{kernel}: {name} = {value} does not fit "
-                                f"a C int")
-        args.append(scalar[kind](value))
+            append(value)
+        elif kind == "int":
+            if not -2**31 <= value <= _INT32_MAX:
+                raise OverflowError(f"{kernel}: {name} = {value} does not "
+                                    f"fit a C int")
+            append(np.int32(value))
+        elif kind == "i64":
+            append(np.int64(value))
+        else:
+            append(scalar(value))
     return tuple(args)
 
 
+@functools.lru_cache(maxsize=256)
 def fixed_geometry(g: Geometry) -> Optional[Tuple[int, int]]:
     """(kernel size, stride) where the geometry is one of
     :data:`FIXED_GEOMETRIES`, else None."""
@@ -329,6 +338,7 @@ def _axis_cover(size: int, lead: int, kernel: int, stride: int,
     return np.bincount(taps, minlength=size)
 
 
+@functools.lru_cache(maxsize=256)
 def windows_own_inputs(g: Geometry) -> bool:
     """Whether every input position lies in exactly one window, so that the
     backward can let each window write its own inputs."""
@@ -360,6 +370,7 @@ def _axis_positions(size: int, lead: int, trail: int, kernel: int,
     return ((taps >= lo) & (taps < hi)).sum(axis=1)
 
 
+@functools.lru_cache(maxsize=256)
 def fewest_window_positions(p: Problem) -> int:
     """The smallest number of positions (n_o) any window of the problem
     has: where it is at least pool_range, every window keeps all k
@@ -372,6 +383,7 @@ def fewest_window_positions(p: Problem) -> int:
     return int(rows.min()) * int(cols.min())
 
 
+@functools.lru_cache(maxsize=256)
 def grad_w_first_row(p: Problem) -> int:
     """The first row (m * k + r) of the weight-gradient partial sums that
     is stored: 0, or k * k where every window keeps all k ranks (only the
@@ -380,6 +392,7 @@ def grad_w_first_row(p: Problem) -> int:
     return k * k if fewest_window_positions(p) >= k else 0
 
 
+@functools.lru_cache(maxsize=256)
 def grad_w_columns_per_channel(p: Problem, config: LaunchConfig) -> int:
     """Q: how many partial sums each channel's windows are split into."""
     windows = p.batch * p.geometry.out_h * p.geometry.out_w
@@ -476,9 +489,11 @@ class Plan:
         g, k = p.geometry, p.pool_range
         gy = grad_y.astype(self.dtype, copy=False)
         grad_x = xp.empty(x.shape, dtype=self.dtype)
-        grad_w = xp.zeros((self.cw_count, k), dtype=xp.float64)
         if grad_x.size == 0:
-            return grad_x, grad_w.reshape(w.shape).astype(p.weight_dtype)
+            grad_w = xp.zeros((self.cw_count, k), dtype=xp.float64)
+            return grad_x, grad_w.reshape(w.shape).astype(p.weight_dtype,
+                                                      copy=False)
+        grad_w = xp.empty((self.cw_count, k), dtype=xp.float64)
         table, table64 = self.rank_weights(w)
         xs = element_strides(x, p.layout)
         gs = element_strides(gy, p.layout)
@@ -517,7 +532,11 @@ class Plan:
         stored = slots - first_row
         cols = q if p.per_channel else p.channels * q
         rows = self.cw_count * stored
-        partials = xp.zeros((rows, cols), dtype=xp.float64)
+        # every stored sum is written once where all windows keep k ranks
+        # (and a ranking holds them), otherwise added to
+        written = first_row > 0 and self.variant != (0, 0)
+        partials = (xp.empty if written else xp.zeros)((rows, cols),
+                                                       dtype=xp.float64)
         values = dict(values, columns_per_channel=q, partials=partials,
                       first_row=first_row, write_gx=int(fused))
         # the same columns, summed in the same order, whatever the width
@@ -532,11 +551,9 @@ class Plan:
             self._run("sortpool_sum_columns", rows * dst_cols, dict(
                 src=sums, rows=rows, cols=cols, group=group, dst=dst))
             sums, cols = dst, dst_cols
-        if first_row:
-            every = xp.zeros((self.cw_count, slots), dtype=xp.float64)
-            every[:, first_row:] = sums.reshape(self.cw_count, stored)
-            sums = every
         self._run("sortpool_grad_w_finish", self.cw_count, dict(
-            sums=sums, table64=table64, cw_count=self.cw_count, k=k,
-            raw=int(p.weighting == "raw"), grad_w=grad_w))
-        return grad_x, grad_w.reshape(w.shape).astype(p.weight_dtype)
+            sums=sums, first_row=first_row, table64=table64,
+            cw_count=self.cw_count, k=k, raw=int(p.weighting == "raw"),
+            grad_w=grad_w))
+        return grad_x, grad_w.reshape(w.shape).astype(p.weight_dtype,
+                                                      copy=False)

@@ -1020,25 +1020,40 @@ __global__ void sortpool_sum_columns(const double* __restrict__ src,
 
 // dL/dw, last pass: per weight row cw, from G = sums[cw][m][r]:
 // raw: sum_m G^(m); softmax: sum_m p^(m) * (G^(m) - <p^(m), G^(m)>),
-// as sortpool_ref._checks.weight_grad_from_partials computes it.
+// as sortpool_ref._checks.weight_grad_from_partials computes it. sums holds
+// the rows m * k + r >= first_row of each cw; the others are zero.
 __global__ void sortpool_grad_w_finish(const double* __restrict__ sums,
+                                       sp_i64 first_row,
                                        const double* __restrict__ table64,
                                        int cw_count, int k, int raw,
                                        double* __restrict__ grad_w) {
     for (sp_i64 cw = sp_first_index(); cw < cw_count; cw += sp_index_step()) {
-        const double* G = sums + cw * (k + 1) * k;
-        const double* P = table64 + cw * (k + 1) * k;
+        const sp_i64 slots = (sp_i64)(k + 1) * k;
+        const double* G = sums + cw * (slots - first_row);
+        const double* P = table64 + cw * slots;
         double* out = grad_w + cw * k;
         for (int r = 0; r < k; ++r) out[r] = 0.0;
         for (int m = 1; m <= k; ++m) {
-            const double* Gm = G + m * k;
-            const double* Pm = P + m * k;
+            const sp_i64 row = (sp_i64)m * k;
+            const double* Pm = P + row;
             if (raw) {
-                for (int r = 0; r < k; ++r) out[r] += Gm[r];
+                for (int r = 0; r < k; ++r) {
+                    const double gm =
+                        row + r >= first_row ? G[row + r - first_row] : 0.0;
+                    out[r] += gm;
+                }
             } else {
                 double dot = 0.0;
-                for (int r = 0; r < k; ++r) dot += Pm[r] * Gm[r];
-                for (int r = 0; r < k; ++r) out[r] += Pm[r] * (Gm[r] - dot);
+                for (int r = 0; r < k; ++r) {
+                    const double gm =
+                        row + r >= first_row ? G[row + r - first_row] : 0.0;
+                    dot += Pm[r] * gm;
+                }
+                for (int r = 0; r < k; ++r) {
+                    const double gm =
+                        row + r >= first_row ? G[row + r - first_row] : 0.0;
+                    out[r] += Pm[r] * (gm - dot);
+                }
             }
         }
     }
