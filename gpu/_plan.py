@@ -189,13 +189,18 @@ def name_expression(kernel: str, dtype: Any = None,
 
 @functools.lru_cache(maxsize=256)
 def fixed_variants(kernel_size: int) -> Tuple[Tuple[int, int], ...]:
-    """The variants :func:`variant_for` picks for a square window of this
-    size: those instantiated with the geometry fixed."""
+    """The variants instantiated with the geometry fixed for a square
+    window of this size: those :func:`variant_for` picks, and for 3x3
+    windows the insertion lists of 4 and 8 ranks as well (they rank the
+    same keys as the network into the same order, so any of them gives the
+    same bits; which is fastest is measured, see docs/gpu.md)."""
     window = kernel_size * kernel_size
     found: List[Tuple[int, int]] = []
-    for k in range(1, window + 1):
-        if variant_for(window, k) not in found:
-            found.append(variant_for(window, k))
+    extra = [(0, 4), (0, 8)] if window == 9 else []
+    for variant in [variant_for(window, k) for k in range(1, window + 1)] \
+            + extra:
+        if variant not in found:
+            found.append(variant)
     return tuple(found)
 
 

@@ -348,6 +348,38 @@ def test_fixed_geometry_kernels(runner, dtype, channels, layout,
     assert owned_seen >= 8
 
 
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_fixed_3x3_rankings_give_the_same_bits(runner, dtype, layout):
+    """Every ranking instantiated for fixed 3x3 windows (network, insertion
+    lists of 2, 4 and 8 ranks) orders the same keys the same way, so each
+    gives the bits of the others, for every pool_range it can hold."""
+    for seed, k in enumerate(range(2, 9)):
+        shape = (2, 13, 10, 8) if layout == "NHWC" else (2, 8, 13, 10)
+        x = array_of(("ties", "special", "distinct")[seed % 3], shape,
+                     dtype, seed)
+        rng = np.random.default_rng(seed)
+        w = rng.normal(size=(8, k) if seed % 2 else (k,))
+        kwargs = dict(kernel_size=3, stride=2, padding=1, layout=layout,
+                      pad_value=(None, -0.25)[seed % 2], ceil_mode=True)
+        g = rng.normal(size=_problem(x, w, **kwargs).out_shape
+                       ).astype(dtype)
+        runs = {}
+        for variant in _plan.fixed_variants(3):
+            capacity = variant[0] or variant[1]
+            if capacity < k:
+                continue
+            runs[variant] = runner.run(x, w, g, kwargs, variant=variant)
+            assert any(f"<{_plan.c_type(dtype)}, {variant[0]}, "
+                       f"{variant[1]}, 3, 2," in n for n in runner.launched)
+        assert len(runs) >= 2
+        first = runs[(9, 9)]
+        check_against_reference(runner, x, w, kwargs, seed)
+        for variant, got in runs.items():
+            for a, b in zip(first, got):
+                assert_same_bits(a, b, (k, variant))
+
+
 def assert_same_bits(a, b, what):
     """Bit for bit, but for the sign and payload of NaNs: which operand's
     NaN a sum passes on follows the compiler's order of operands (x86 keeps
@@ -606,7 +638,8 @@ def test_name_expressions():
                 for size, _ in _plan.FIXED_GEOMETRIES)
     assert len(names) == 2 * (3 * len(_plan.VARIANTS) + 2 + fixed) + 2
     assert _plan.fixed_variants(2) == ((0, 1), (4, 4))
-    assert _plan.fixed_variants(3) == ((0, 1), (0, 2), (9, 9))
+    assert _plan.fixed_variants(3) == ((0, 1), (0, 2), (9, 9), (0, 4),
+                                       (0, 8))
 
 
 def test_plan_imports_without_cupy():
