@@ -303,13 +303,14 @@ def _sweep_loop(rng, failures, start, seconds, max_cases) -> int:
             gx0, gw0 = reference.sortpool2d_backward(g.astype(np.float64),
                                                      x64, w, **kwargs)
             ws = kwargs["weighting"]
+            pad = kwargs["pad_value"]
             assert_close(cupy.asnumpy(y), y0, x.dtype, tolerance_scale(
-                "y", x, w, weighting=ws), "y")
+                "y", x, w, weighting=ws, pad_value=pad), "y")
             assert_close(cupy.asnumpy(gx), gx0, x.dtype, tolerance_scale(
                 "grad_x", x, w, g, weighting=ws, window_size=window),
                 "grad_x")
             assert_close(cupy.asnumpy(gw), gw0, x.dtype, tolerance_scale(
-                "grad_w", x, w, g, weighting=ws), "grad_w")
+                "grad_w", x, w, g, weighting=ws, pad_value=pad), "grad_w")
         except Exception as exc:  # report every kind of failure
             failures.append(f"{label}: {type(exc).__name__}: {exc}")
     return count

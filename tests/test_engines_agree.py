@@ -27,8 +27,10 @@ def compare_with_reference(engine, case, seed=0):
     x64 = case.x.astype(np.float64)
     with np.errstate(invalid="ignore", over="ignore"):
         y_ref = reference.sortpool2d(x64, case.w, **kwargs)
+    pad_value = kwargs.get("pad_value")
     assert_close(y, y_ref, dtype, tolerance_scale(
-        "y", case.x, case.w, weighting=case.weighting), "y")
+        "y", case.x, case.w, weighting=case.weighting,
+        pad_value=pad_value), "y")
 
     g = np.random.default_rng(seed).normal(size=y.shape).astype(dtype)
     gx, gw = sortpool_ref.sortpool2d_backward(
@@ -43,7 +45,8 @@ def compare_with_reference(engine, case, seed=0):
     assert_close(gx, gx_ref, dtype, tolerance_scale(
         "grad_x", case.x, case.w, g, case.weighting, window), "grad_x")
     assert_close(gw, gw_ref, dtype, tolerance_scale(
-        "grad_w", case.x, case.w, g, case.weighting), "grad_w")
+        "grad_w", case.x, case.w, g, case.weighting, pad_value=pad_value),
+        "grad_w")
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])

@@ -496,3 +496,24 @@ def test_conformance_cases_keep_to_the_declared_options(case):
                                padding="same", dilation=1, ceil_mode=False,
                                layout="NCHW", weighting="raw", pad_value=0.0)
     assert case.w.shape in ((case.x.shape[1], 1), (case.x.shape[1], 2))
+
+
+def test_tolerance_scale_counts_the_pad_value():
+    """A pad_value is summed like a value of x: a window of zeros and
+    padding at -1.5 has terms of size 1.5 (found by Hypothesis: the
+    float32 rounding of such a window failed a scale taken from x
+    alone)."""
+    from sortpool_ref.testing import tolerance_scale
+
+    x = np.zeros((1, 1, 1, 1), np.float32)
+    w = np.zeros(2)
+    tiny = np.finfo(np.float64).tiny
+    assert tolerance_scale("y", x, w) == tiny
+    assert tolerance_scale("y", x, w, pad_value=-1.5) == 1.5
+    assert tolerance_scale("y", x + 2, w, pad_value=-1.5) == 2.0
+    assert tolerance_scale("grad_w", x, w, np.ones((1, 1, 1, 1)),
+                           pad_value=-1.5) == 3.0
+    assert tolerance_scale("grad_x", x, w, np.ones((1, 1, 1, 1)),
+                           pad_value=-1.5) == 1.0
+    assert tolerance_scale("y", x, w, pad_value=float("inf")) == tiny
+

@@ -26,7 +26,7 @@ by the float32 forward were rounded to float32.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -43,10 +43,12 @@ def _finite_max_abs(a: Any) -> float:
 
 
 def tolerance_scale(kind: str, x: Any, w: Any, grad_y: Any = None,
-                    weighting: str = "softmax", window_size: int = 1) -> float:
+                    weighting: str = "softmax", window_size: int = 1,
+                    pad_value: Optional[float] = None) -> float:
     """Size of the summed terms for a comparison of ``kind``.
 
-    ``kind`` is ``'y'`` (forward), ``'grad_x'`` or ``'grad_w'``.
+    ``kind`` is ``'y'`` (forward), ``'grad_x'`` or ``'grad_w'``. A
+    ``pad_value`` takes part in the sums like a value of ``x``.
     """
     w = np.asarray(w, dtype=np.float64)
     if weighting == "softmax":
@@ -56,6 +58,8 @@ def tolerance_scale(kind: str, x: Any, w: Any, grad_y: Any = None,
         weight_sum = float(np.abs(w).sum(axis=-1).max())
         weight_max = float(np.abs(w).max())
     xmax = _finite_max_abs(x)
+    if pad_value is not None and np.isfinite(pad_value):
+        xmax = max(xmax, abs(float(pad_value)))
     if kind == "y":
         return max(xmax * weight_sum, np.finfo(np.float64).tiny)
     gmax = _finite_max_abs(grad_y)

@@ -303,8 +303,9 @@ def _run_case(case: Any, forward: Callable, backward: Optional[Callable],
                            calls)
     with np.errstate(invalid="ignore", over="ignore"):
         expected_y = reference.sortpool2d(x64, w64, **kwargs)
+    pad_value = kwargs.get("pad_value")
     y = _compare(_Quantity("y", actual_y, expected_y, tolerance_scale(
-        "y", x64, w64, weighting=weighting)), dtype)
+        "y", x64, w64, weighting=weighting, pad_value=pad_value)), dtype)
     if y.message is not None:
         return Failure(case, "forward", y.message, calls, [y],
                        lambda: _diagnose(case, "forward", [y], dtype))
@@ -341,7 +342,8 @@ def _run_case(case: Any, forward: Callable, backward: Optional[Callable],
     if np.isfinite(x64).all():
         quantities.append(_compare(_Quantity(
             "grad_w", result[1], expected_gw,
-            tolerance_scale("grad_w", x64, w64, g64, weighting=weighting)),
+            tolerance_scale("grad_w", x64, w64, g64, weighting=weighting,
+                            pad_value=pad_value)),
             dtype))
     failed = [q for q in quantities if q.message is not None]
     if failed:
