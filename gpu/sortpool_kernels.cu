@@ -252,6 +252,31 @@ struct SpNetwork<T, 4> {
     }
 };
 
+// Insert value v at scan position p into the top list (top, pos) of
+// `kept` entries, at most k <= KMAX; a later value moves up only past
+// values it strictly outranks, so ties keep scan order.
+template <typename T, int KMAX>
+__device__ __forceinline__ void sp_insert(T v, int p, int k, int& kept,
+                                          T (&top)[KMAX], int (&pos)[KMAX]) {
+    // Once v takes a slot, every later slot shifts down one.
+    bool shifting = false;
+#pragma unroll
+    for (int r = 0; r < KMAX; ++r) {
+        if (r < k) {
+            if (shifting || r >= kept || sp_value_above(v, top[r])) {
+                const T tv = top[r];
+                const int tp = pos[r];
+                top[r] = v;
+                pos[r] = p;
+                v = tv;
+                p = tp;
+                shifting = true;
+            }
+        }
+    }
+    kept += kept < k;
+}
+
 // Rank the window at (h0, w0): top[r], pos[r] for r < m hold the value and
 // scan position of rank r; returns m = min(k, n_o). Not for WIN == KMAX == 0.
 template <typename T, int WIN, int KMAX, typename G>
@@ -289,25 +314,7 @@ __device__ __forceinline__ int sp_select_top(
                              w0 + j * g.dw, pad_value, v)) {
                     continue;
                 }
-                int p = i * g.kw + j;
-                // Once v takes a slot, every later slot shifts down one.
-                bool shifting = false;
-#pragma unroll
-                for (int r = 0; r < KMAX; ++r) {
-                    if (r < k) {
-                        if (shifting || r >= kept ||
-                            sp_value_above(v, top[r])) {
-                            const T tv = top[r];
-                            const int tp = pos[r];
-                            top[r] = v;
-                            pos[r] = p;
-                            v = tv;
-                            p = tp;
-                            shifting = true;
-                        }
-                    }
-                }
-                kept += kept < k;
+                sp_insert<T, KMAX>(v, i * g.kw + j, k, kept, top, pos);
             }
         }
         return kept;
@@ -370,25 +377,7 @@ __device__ __forceinline__ int sp_select_loaded(
         }
 #pragma unroll
         for (int q = 0; q < NT; ++q) {
-            if (!ok[q]) continue;
-            T v = vals[q];
-            int p = q;
-            bool shifting = false;
-#pragma unroll
-            for (int r = 0; r < KMAX; ++r) {
-                if (r < k) {
-                    if (shifting || r >= kept || sp_value_above(v, top[r])) {
-                        const T tv = top[r];
-                        const int tp = pos[r];
-                        top[r] = v;
-                        pos[r] = p;
-                        v = tv;
-                        p = tp;
-                        shifting = true;
-                    }
-                }
-            }
-            kept += kept < k;
+            if (ok[q]) sp_insert<T, KMAX>(vals[q], q, k, kept, top, pos);
         }
         return kept;
     }
