@@ -395,7 +395,19 @@ def _kernels_only(fwd: bool, args: tuple, opts: Dict[str, Any]
         for kernel, grid, block, kargs in kernels:
             kernel(grid, block, kargs)
     replay.keep = keep  # type: ignore[attr-defined]  # buffers stay alive
+    replay.launches = [  # type: ignore[attr-defined]
+        (name, kernel, grid, block, kargs) for (name, *_), (
+            kernel, grid, block, kargs) in zip(launches, kernels)]
     return replay
+
+
+def _launch_times(replay: Any, reps: int) -> List[Tuple[str, float]]:
+    """Milliseconds of each launch of a replay, timed alone."""
+    times = []
+    for name, kernel, grid, block, kargs in replay.launches:
+        times.append((name, _time_cupy(
+            lambda: kernel(grid, block, kargs), reps)))
+    return times
 
 
 def run_benchmark(reps: int = 20) -> Tuple[List[Dict[str, Any]], float,
@@ -446,10 +458,13 @@ def run_benchmark(reps: int = 20) -> Tuple[List[Dict[str, Any]], float,
             row["floor backward"] = (2 * bx + by) / bandwidth * 1e3
             row["floor fwd+bwd"] = (3 * bx + 2 * by) / bandwidth * 1e3
             try:
-                row["kernels forward"] = _time_cupy(
-                    _kernels_only(True, (x, w), opts), reps)
-                row["kernels backward"] = _time_cupy(
-                    _kernels_only(False, (g, x, w), opts), reps)
+                fwd_replay = _kernels_only(True, (x, w), opts)
+                bwd_replay = _kernels_only(False, (g, x, w), opts)
+                row["kernels forward"] = _time_cupy(fwd_replay, reps)
+                row["kernels backward"] = _time_cupy(bwd_replay, reps)
+                row["launches forward"] = _launch_times(fwd_replay, reps)
+                row["launches backward"] = _launch_times(bwd_replay, reps)
+                del fwd_replay, bwd_replay
             except Exception as exc:  # informative only: never fail here
                 row["kernels error"] = f"{type(exc).__name__}: {exc}"
             if torch_missing is None:
@@ -520,6 +535,22 @@ def benchmark_table(rows: Sequence[Dict[str, Any]]) -> List[str]:
     return lines
 
 
+def launch_table(rows: Sequence[Dict[str, Any]]) -> List[str]:
+    """Each kernel of a forward and a backward, timed alone (ms)."""
+    lines = ["| layout | case | k | forward launches | backward launches |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        if "launches forward" not in r:
+            continue
+        cells = [r["layout"], r["case"], str(r["k"])]
+        for op in ("forward", "backward"):
+            cells.append("; ".join(
+                f"{name.replace('sortpool_', '')} {ms:.3f}"
+                for name, ms in r[f"launches {op}"]))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines if len(lines) > 2 else []
+
+
 def render_report(env: Sequence[Tuple[str, str]], tests: Tuple[bool, str],
                   sweep: Tuple[int, List[str]], bench: Optional[tuple],
                   seconds: float) -> str:
@@ -555,6 +586,13 @@ def render_report(env: Sequence[Tuple[str, str]], tests: Tuple[bool, str],
         if torch_missing:
             out += [f"PyTorch comparisons skipped: {torch_missing}.", ""]
         out += benchmark_table(rows)
+        launches = launch_table(rows)
+        if launches:
+            out += ["", "### Each kernel alone (ms)", "",
+                    "The launches of one call replayed one at a time "
+                    "(the sum exceeds the kernels-only column by the "
+                    "launch gaps that a full replay overlaps).", ""]
+            out += launches
     out += ["", f"Total time: {seconds:.0f} s.", ""]
     return "\n".join(out)
 

@@ -718,3 +718,36 @@ def test_benchmark_table_marks_targets():
     assert "1.000 (2.00x PASS)" in line       # backward within 2.5x
     assert "1.500 / 2.500 PASS" in line
     assert "(25.0x PASS)" in line
+
+
+def test_launch_table_times_each_kernel_alone(monkeypatch):
+    from sortpool_ref.gpu import check
+
+    launched = []
+    monkeypatch.setattr(check, "_time_cupy", lambda fn, reps: (fn(), 0.5)[1])
+
+    class Replay:
+        launches = [("sortpool_forward<float, 0, 1>",
+                     lambda grid, block, args: launched.append(
+                         (grid, block, args)), (3,), (256,), (7,))]
+
+    times = check._launch_times(Replay, 5)
+    assert times == [("sortpool_forward<float, 0, 1>", 0.5)]
+    assert launched == [((3,), (256,), (7,))]
+    row = {"layout": "NHWC", "case": "2x2 s2", "k": 1,
+           "launches forward": times,
+           "launches backward": [("sortpool_sum_columns", 0.0125),
+                                 ("sortpool_grad_w_finish", 0.006)]}
+    assert check.launch_table([row])[-1] == (
+        "| NHWC | 2x2 s2 | 1 | forward<float, 0, 1> 0.500 | "
+        "sum_columns 0.013; grad_w_finish 0.006 |")
+    assert check.launch_table([{"layout": "NHWC"}]) == []
+    report = check.render_report(
+        [("device", "none")], (True, "1 passed"), (1, []),
+        ([dict(row, **{"forward": 1.0, "floor forward": 0.5,
+                       "backward": 1.0, "floor backward": 0.5,
+                       "fwd+bwd": 2.0, "floor fwd+bwd": 1.0})], 1e12,
+         "no torch"), 1.0)
+    assert "### Each kernel alone (ms)" in report
+    assert "sum_columns 0.013; grad_w_finish 0.006" in report
+
