@@ -433,11 +433,12 @@ __global__ void sortpool_rank_weights(const double* __restrict__ w,
 // ---------------------------------------------------------------------------
 // Forward: one output per loop step; y = sum_{r < m} p[cw, m, r] * a(r).
 //
-// Every kernel below takes KS, ST (SpFixed: 0, 0 for any geometry) and V:
-// with KS > 0 a loop step loads its whole window once (sp_load_window) for
-// V neighbouring channels (V > 1: channels contiguous and vector-aligned in
-// every array), then ranks each channel as the general
-// path does, so that both give the same bits.
+// The forward, the owned backward and the weight-gradient pass take KS, ST
+// (SpFixed: 0, 0 for any geometry) and V: with KS > 0 a loop step loads its
+// whole window once (sp_load_window) for V neighbouring channels (V > 1:
+// channels contiguous and vector-aligned in every array), then ranks each
+// channel as the general path does, so that both give the same bits. The
+// cells backward exists only with KS > 0; the gather only without.
 
 #define SP_STRIDES(p) sp_i64 p##_n, sp_i64 p##_h, sp_i64 p##_w, sp_i64 p##_c
 
