@@ -2,7 +2,9 @@
 //
 // The same source is compiled three ways:
 //   * by NVRTC through cupy.RawModule, instantiated per dtype and window
-//     variant with name_expressions (sortpool_ref/gpu/engine.py);
+//     variant (and, for 2x2 and 3x3 stride-2 windows, per fixed geometry
+//     and channel vector width) with name_expressions
+//     (sortpool_ref/gpu/engine.py, sortpool_ref/gpu/_plan.py);
 //   * by nvcc in the test suite, which instantiates every template;
 //   * as host C++ (g++ -DSORTPOOL_HOST, with host_shim.h included first),
 //     where a launch is a plain loop over blocks and threads, so that the
