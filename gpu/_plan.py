@@ -333,10 +333,16 @@ def channels_inner(strides: Dict[str, int], channels: int) -> bool:
     return channels > 1 and abs(strides["c"]) <= abs(strides["w"])
 
 
+def _axis_taps(lead: int, kernel: int, stride: int, dilation: int,
+               out: int) -> np.ndarray:
+    """taps[o, i]: the input index of tap i of window o along one axis."""
+    return (np.arange(out)[:, None] * stride - lead
+            + np.arange(kernel)[None, :] * dilation)
+
+
 def _axis_cover(size: int, lead: int, kernel: int, stride: int,
                 dilation: int, out: int) -> np.ndarray:
-    taps = (np.arange(out)[:, None] * stride - lead
-            + np.arange(kernel)[None, :] * dilation).ravel()
+    taps = _axis_taps(lead, kernel, stride, dilation, out).ravel()
     taps = taps[(taps >= 0) & (taps < size)]
     return np.bincount(taps, minlength=size)
 
@@ -367,8 +373,7 @@ def geometry_values(p: Problem) -> Dict[str, Any]:
 def _axis_positions(size: int, lead: int, trail: int, kernel: int,
                     stride: int, dilation: int, out: int,
                     padded: bool) -> np.ndarray:
-    taps = (np.arange(out)[:, None] * stride - lead
-            + np.arange(kernel)[None, :] * dilation)
+    taps = _axis_taps(lead, kernel, stride, dilation, out)
     lo, hi = (-lead, size + trail) if padded else (0, size)
     return ((taps >= lo) & (taps < hi)).sum(axis=1)
 

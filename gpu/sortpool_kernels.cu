@@ -206,6 +206,28 @@ __device__ __forceinline__ int sp_rank_in_window(const T* plane, sp_i64 s_h,
     return rank;
 }
 
+// f(rank, v) for every position of the window at (h0, w0), in scan order,
+// whose rank is below m: the ranking without storage (WIN == KMAX == 0).
+template <typename T, typename G, typename F>
+__device__ __forceinline__ void sp_each_kept(const T* plane, sp_i64 s_h,
+                                             sp_i64 s_w, const G& g, int h0,
+                                             int w0, T pad_value, int m,
+                                             F f) {
+    for (int i = 0; i < g.kh; ++i) {
+        for (int j = 0; j < g.kw; ++j) {
+            T v = T(0);
+            if (!sp_load(plane, s_h, s_w, g, h0 + i * g.dh, w0 + j * g.dw,
+                         pad_value, v)) {
+                continue;
+            }
+            const int rank = sp_rank_in_window(plane, s_h, s_w, g, h0, w0,
+                                               pad_value, v, i * g.kw + j,
+                                               m);
+            if (rank < m) f(rank, v);
+        }
+    }
+}
+
 // Registers needed to hold the ranked values of a window.
 template <int WIN, int KMAX>
 struct SpCapacity {
@@ -496,20 +518,8 @@ __global__ void sortpool_forward(const T* __restrict__ x, SP_STRIDES(xs),
                 const int m = sp_kept_ranks(g, h0, w0);
                 const T* p = tab + (sp_i64)m * g.k;
                 acc = T(0);
-                for (int i = 0; i < g.kh; ++i) {
-                    for (int j = 0; j < g.kw; ++j) {
-                        const int s = i * g.kw + j;
-                        T v = T(0);
-                        if (!sp_load(plane, xs_h, xs_w, g, h0 + i * g.dh,
-                                     w0 + j * g.dw, pad_value, v)) {
-                            continue;
-                        }
-                        const int rank = sp_rank_in_window(
-                            plane, xs_h, xs_w, g, h0, w0, pad_value, v, s,
-                            m);
-                        if (rank < m) acc += p[rank] * v;
-                    }
-                }
+                sp_each_kept(plane, xs_h, xs_w, g, h0, w0, pad_value, m,
+                             [&](int rank, T v) { acc += p[rank] * v; });
             } else {
                 constexpr int CAP = SpCapacity<WIN, KMAX>::value;
                 T top[CAP];
@@ -939,24 +949,13 @@ __global__ void sortpool_grad_w_partials(
                 const int w0 = ow * g.sw - g.pl;
                 if constexpr (WIN == 0 && KMAX == 0) {
                     const int m = sp_kept_ranks(g, h0, w0);
-                    for (int i = 0; i < g.kh; ++i) {
-                        for (int j = 0; j < g.kw; ++j) {
-                            const int sc = i * g.kw + j;
-                            T v = T(0);
-                            if (!sp_load(plane, xs_h, xs_w, g, h0 + i * g.dh,
-                                         w0 + j * g.dw, pad_value, v)) {
-                                continue;
-                            }
-                            const int rank = sp_rank_in_window(
-                                plane, xs_h, xs_w, g, h0, w0, pad_value, v, sc,
-                                m);
-                            if (rank < m) {
-                                const sp_i64 row = (sp_i64)m * g.k + rank;
-                                part[(row - first_row) * cols] +=
-                                    go * (double)v;
-                            }
-                        }
-                    }
+                    sp_each_kept(plane, xs_h, xs_w, g, h0, w0, pad_value, m,
+                                 [&](int rank, T v) {
+                                     const sp_i64 row =
+                                         (sp_i64)m * g.k + rank;
+                                     part[(row - first_row) * cols] +=
+                                         go * (double)v;
+                                 });
                 } else {
                     T top[CAP];
                     int pos[CAP];
