@@ -415,6 +415,41 @@ __device__ __forceinline__ void sp_lane(const SpVec<T, V> (&vals)[NT], int l,
     for (int q = 0; q < NT; ++q) lane[q] = vals[q].v[l];
 }
 
+// Rank channel l of a loaded window (sp_select_loaded on its lane).
+template <typename T, int WIN, int KMAX, int V, int NT, int CAP>
+__device__ __forceinline__ int sp_select_lane(const SpVec<T, V> (&vals)[NT],
+                                              const bool (&ok)[NT], int l,
+                                              int k, T (&top)[CAP],
+                                              int (&pos)[CAP]) {
+    T lane[NT];
+    sp_lane(vals, l, lane);
+    return sp_select_loaded<T, WIN, KMAX>(lane, ok, k, top, pos);
+}
+
+// The rank weights of weight row cw for windows keeping m ranks.
+template <typename T>
+__device__ __forceinline__ const T* sp_weights(const T* table, int cw, int k,
+                                               int m) {
+    return table + ((sp_i64)cw * (k + 1) + m) * k;
+}
+
+// dL/dx of channel l of a window that owns its inputs: go * p[r] at the
+// scan position of rank r < m, zero at every other position.
+template <typename T, int V, int NT, int CAP>
+__device__ __forceinline__ void sp_owned_lane(T go, const T* p, int m,
+                                              const int (&pos)[CAP], int l,
+                                              SpVec<T, V> (&res)[NT]) {
+#pragma unroll
+    for (int q = 0; q < NT; ++q) {
+        T value = T(0);
+#pragma unroll
+        for (int r = 0; r < CAP; ++r) {
+            if (r < m && pos[r] == q) value = go * p[r];
+        }
+        res[q].v[l] = value;
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Rank weights: table[cw, m, r] for every number of kept ranks m (row 0 and
 // r >= m are zero), from logits w (cw_count, k) in float64, as
@@ -494,14 +529,12 @@ __global__ void sortpool_forward(const T* __restrict__ x, SP_STRIDES(xs),
             SpVec<T, V> res;
 #pragma unroll
             for (int l = 0; l < V; ++l) {
-                T lane[NT];
-                sp_lane(vals, l, lane);
                 T top[CAP];
                 int pos[CAP];
-                const int m =
-                    sp_select_loaded<T, WIN, KMAX>(lane, ok, g.k, top, pos);
-                const T* p = table +
-                    ((sp_i64)(per_channel ? c + l : 0) * (g.k + 1) + m) * g.k;
+                const int m = sp_select_lane<T, WIN, KMAX>(vals, ok, l, g.k,
+                                                           top, pos);
+                const T* p =
+                    sp_weights(table, per_channel ? c + l : 0, g.k, m);
                 T acc = p[0] * top[0];
 #pragma unroll
                 for (int r = 1; r < CAP; ++r) {
@@ -573,23 +606,14 @@ __global__ void sortpool_backward_x_owned(
             SpVec<T, V> res[NT];
 #pragma unroll
             for (int l = 0; l < V; ++l) {
-                T lane[NT];
-                sp_lane(vals, l, lane);
                 T top[CAP];
                 int pos[CAP];
-                const int m =
-                    sp_select_loaded<T, WIN, KMAX>(lane, ok, g.k, top, pos);
-                const T* p = table +
-                    ((sp_i64)(per_channel ? c + l : 0) * (g.k + 1) + m) * g.k;
-#pragma unroll
-                for (int q = 0; q < NT; ++q) {
-                    T value = T(0);
-#pragma unroll
-                    for (int r = 0; r < CAP; ++r) {
-                        if (r < m && pos[r] == q) value = go.v[l] * p[r];
-                    }
-                    res[q].v[l] = value;
-                }
+                const int m = sp_select_lane<T, WIN, KMAX>(vals, ok, l, g.k,
+                                                           top, pos);
+                sp_owned_lane(go.v[l],
+                              sp_weights(table, per_channel ? c + l : 0, g.k,
+                                         m),
+                              m, pos, l, res);
             }
 #pragma unroll
             for (int q = 0; q < NT; ++q) {
@@ -771,9 +795,9 @@ __global__ void sortpool_backward_x_cells(
                                                        vals[s].v[l], s);
                             }
                             if (rank < m) {
-                                acc[u][v].v[l] += go.v[l] *
-                                    table[((sp_i64)(per_channel ? c + l : 0) *
-                                               (g.k + 1) + m) * g.k + rank];
+                                acc[u][v].v[l] += go.v[l] * sp_weights(
+                                    table, per_channel ? c + l : 0, g.k,
+                                    m)[rank];
                             }
                         }
                     }
@@ -868,28 +892,17 @@ __global__ void sortpool_grad_w_partials(
                 SpVec<T, V> res[NT];
 #pragma unroll
                 for (int l = 0; l < V; ++l) {
-                    T lane[NT];
-                    sp_lane(vals, l, lane);
                     T top[CAP];
                     int pos[CAP];
-                    const int m = sp_select_loaded<T, WIN, KMAX>(
-                        lane, ok, g.k, top, pos);
+                    const int m = sp_select_lane<T, WIN, KMAX>(
+                        vals, ok, l, g.k, top, pos);
                     const double gol = (double)go.v[l];
                     if (write_gx) {
-                        const T* pr = table +
-                            ((sp_i64)(per_channel ? c + l : 0) * (g.k + 1) +
-                             m) * g.k;
-#pragma unroll
-                        for (int u = 0; u < NT; ++u) {
-                            T value = T(0);
-#pragma unroll
-                            for (int r = 0; r < CAP; ++r) {
-                                if (r < m && pos[r] == u) {
-                                    value = go.v[l] * pr[r];
-                                }
-                            }
-                            res[u].v[l] = value;
-                        }
+                        sp_owned_lane(go.v[l],
+                                      sp_weights(table,
+                                                 per_channel ? c + l : 0,
+                                                 g.k, m),
+                                      m, pos, l, res);
                     }
                     if (m == g.k) {
 #pragma unroll
