@@ -86,6 +86,9 @@ class Case:
     baselines: bool = True
     sweep: bool = False
     timings: Dict[str, List[float]] = field(default_factory=dict)
+    # (MB of the process's anonymous memory in transparent huge pages, MB
+    # of anonymous memory) after the warm-up, with the case's arrays live.
+    memory: Tuple[float, float] = (float("nan"), float("nan"))
 
     @property
     def shape(self):
@@ -192,6 +195,7 @@ def _measure(case: Case, rounds: int, base_rounds: int, bar) -> None:
         fn()
     for fn in main.values():
         fn()
+    case.memory = _anon_memory()
     names = list(everyone)
     for r in range(rounds):
         order = names[r % len(names):] + names[:r % len(names)]
@@ -203,6 +207,21 @@ def _measure(case: Case, rounds: int, base_rounds: int, bar) -> None:
             case.timings.setdefault(name, []).append(
                 time.perf_counter() - t0)
             bar.update(1)
+
+
+def _anon_memory() -> Tuple[float, float]:
+    """(MB in transparent huge pages, MB) of this process's anonymous
+    memory, from /proc/self/smaps_rollup (Linux); NaN elsewhere."""
+    found = {}
+    try:
+        for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in ("Anonymous", "AnonHugePages"):
+                found[key] = float(rest.split()[0]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return (found.get("AnonHugePages", float("nan")),
+            found.get("Anonymous", float("nan")))
 
 
 def _calls(case: Case, rounds: int, base_rounds: int) -> int:
@@ -307,12 +326,31 @@ def machine() -> Dict[str, str]:
         "numpy": np.__version__,
         "numba": numba.__version__,
         "os": platform.platform(),
+        "transparent huge pages": _huge_page_mode(),
     }
     if baselines.torch_available():
         import torch
         info["torch"] = torch.__version__
         info["torch threads"] = str(torch.get_num_threads())
     return info
+
+
+def _huge_page_mode() -> str:
+    """The kernel's transparent-huge-page mode and whether NumPy asks for
+    huge pages (madvise) on large arrays: fresh arrays then fault in 2 MB
+    at a time instead of 4 kB, which changes what every fresh-output
+    contender here costs, the floor included."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+        mode = text[text.index("[") + 1:text.index("]")]
+    except (OSError, ValueError):
+        return "unknown"
+    try:
+        from numpy._core.multiarray import _get_madvise_hugepage
+        numpy_asks = "yes" if _get_madvise_hugepage() else "no"
+    except ImportError:
+        numpy_asks = "unknown"
+    return f"{mode} (NumPy madvise: {numpy_asks})"
 
 
 def _fmt(v: float, digits: int = 2) -> str:
@@ -443,6 +481,10 @@ def report(cases: List[Case], info: Dict[str, str], start: Dict[str, float],
              "| machine | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in info.items()]
     lines += [f"| load average before / after | {loads[0]} / {loads[1]} |"]
+    share = [h / a for h, a in (c.memory for c in cases) if a > 0]
+    if share:
+        lines += ["| anonymous memory in huge pages, per case | "
+                  f"{100 * min(share):.0f}-{100 * max(share):.0f}% |"]
     # The load after the run includes the benchmark's own threads; only
     # the load before it says whether other work was running.
     busy = float(loads[0].split()[0])
