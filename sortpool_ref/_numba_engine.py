@@ -1248,9 +1248,11 @@ def _literal(t):
 
 
 @njit(cache=True)
-def _fwd_row_nhwc(x, n, oh, tblT, k, kind, geo, bnd, y, kk):
+def _fwd_row_nhwc(x, n, oh, tblT, k, kind, geo, bnd, y, kk, vectors):
     """One output row. kind 2: 2x2 and kind 3: 3x3 register paths for the
-    windows inside the input; every other window takes the tile path."""
+    windows inside the input, in explicit vectors where vectors is true
+    and the channels fill whole ones (see _forward_vectors), else in
+    loops over channels; every other window takes the tile path."""
     literally(kind)
     literally(kk)
     (kh, kw, sh, sw, dh, dw, pt, pb, pl, pr, has_pad, pad_value) = geo
@@ -1267,7 +1269,7 @@ def _fwd_row_nhwc(x, n, oh, tblT, k, kind, geo, bnd, y, kk):
     interior_row = kind > 0 and oh >= oh_lo and oh < oh_hi
     h0 = oh * sh - pt
     tb = tblT[k]
-    simd = channels % (VECTOR_BYTES // x.itemsize) == 0
+    simd = vectors and channels % (VECTOR_BYTES // x.itemsize) == 0
     rs = dh * x.shape[2] * channels
     cs = dw * channels
     for ow in range(y.shape[2]):
@@ -1306,14 +1308,15 @@ def _nhwc_forward(kind, kk):
     retypes it every time (25 ms)."""
     @njit(parallel=True, cache=True)
     def kernel(x, tblT, k, kh, kw, sh, sw, dh, dw, pt, pb, pl, pr, has_pad,
-               pad_value, oh_lo, oh_hi, ow_lo, ow_hi, y):
+               pad_value, oh_lo, oh_hi, ow_lo, ow_hi, vectors, y):
         geo = (kh, kw, sh, sw, dh, dw, pt, pb, pl, pr, has_pad, pad_value)
         bnd = (oh_lo, oh_hi, ow_lo, ow_hi)
         out_h = y.shape[1]
         for t in prange(x.shape[0] * out_h):
             n = t // out_h
             oh = t - n * out_h
-            _fwd_row_nhwc(x, n, oh, tblT, k, kind, geo, bnd, y, kk)
+            _fwd_row_nhwc(x, n, oh, tblT, k, kind, geo, bnd, y, kk,
+                          vectors)
 
     return kernel
 
@@ -1726,7 +1729,7 @@ def _nchw_forward_blocks(kind, kk):
     17.7 / 20.2 ms for (32, 64, 112, 112) float32; k = 5 and 6 5% slower)."""
     @njit(parallel=True, cache=True)
     def kernel(x, tbls, k, kh, kw, sh, sw, dh, dw, pt, pb, pl, pr, has_pad,
-               pad_value, oh_lo, oh_hi, ow_lo, ow_hi, workers, y):
+               pad_value, oh_lo, oh_hi, ow_lo, ow_hi, workers, vectors, y):
         geo = (kh, kw, sh, sw, dh, dw, pt, pb, pl, pr, has_pad, pad_value)
         bnd = (oh_lo, oh_hi, ow_lo, ow_hi)
         batch, _, height, width = x.shape
@@ -1750,7 +1753,7 @@ def _nchw_forward_blocks(kind, kk):
                         _block_in(x, n, c0, bx, ready, need)
                         ready = need
                     _fwd_row_nhwc(bx, 0, oh, tbls[b], k, kind, geo, bnd, by,
-                                  kk)
+                                  kk, vectors)
                 _block_out(by, y, n, c0, 0, out_h)
     return kernel
 
@@ -2462,6 +2465,39 @@ def _tables_for(w_bytes, w_dtype, w_shape, weighting, dtype, channels):
 WRITES_INTO_OUT = True
 
 
+def _cpu_name() -> str:
+    """The CPU that Numba compiles for, as LLVM names it."""
+    from numba.core import config
+    if config.CPU_NAME:
+        return config.CPU_NAME
+    import llvmlite.binding as llvm
+    return llvm.get_host_cpu_name()
+
+
+_AMD_ZEN = _cpu_name().startswith("znver")
+# None: the choice of _forward_vectors; True or False forces one form (the
+# tests run both; benchmarks can compare them in one process).
+_FORWARD_VECTORS: Optional[bool] = None
+
+
+def _forward_vectors(kind: int, k: int) -> bool:
+    """Whether the NHWC forward's register paths run in explicit vectors
+    (where the channels fill whole ones) or in loops over channels: the
+    same bits, only their speed differs, and it differs by machine. On the
+    Intel Xeon machines of the earlier benchmarks the vectors were faster
+    (3x3, k = 1 / 2 / 4 / 9: 1.15 / 1.19 / 1.32 / 1.52 times the floor
+    against 1.20 / 1.39 / 1.61 / 2.01). On an AMD EPYC (LLVM's znver5),
+    side by side in one process, the loops were faster for every forward
+    but the 2x2 one keeping one rank (3x3 float32, k = 1-4: 1.24-1.57
+    against 1.67-2.55; 2x2 k = 2-4 1.00-1.12 against 1.25-1.62); see
+    docs/performance.md. The backward keeps its vectors on both (its loop
+    forms took 1.6-1.8 times as long on the EPYC). A run-time argument of
+    the kernels: either form runs without a new compile."""
+    if _FORWARD_VECTORS is not None:
+        return _FORWARD_VECTORS
+    return not _AMD_ZEN or (kind == 2 and k == 1)
+
+
 def forward(x: np.ndarray, w: np.ndarray, p: Problem,
             out: Optional[np.ndarray] = None) -> np.ndarray:
     """y for checked arrays: x (float32/float64, p.layout), w (k,) or (C,
@@ -2478,8 +2514,9 @@ def forward(x: np.ndarray, w: np.ndarray, p: Problem,
             y = np.empty((p.batch, g.out_h, g.out_w, p.channels), p.dtype)
         if y.size:
             kernel = _nhwc_forward(kind, p.pool_range if kind else 0)
+            vectors = _forward_vectors(kind, p.pool_range)
             kernel(xm, tblT, p.pool_range, *_geometry_args(p), oh_lo, oh_hi,
-                   ow_lo, ow_hi, y)
+                   ow_lo, ow_hi, vectors, y)
     else:
         if y is None:
             y = np.empty((p.batch, p.channels, g.out_h, g.out_w), p.dtype)
@@ -2488,7 +2525,8 @@ def forward(x: np.ndarray, w: np.ndarray, p: Problem,
             kernel = _nchw_forward_blocks(kind, p.pool_range)
             kernel(xm, _blocked(tblT, block), p.pool_range,
                    *_geometry_args(p), oh_lo, oh_hi, ow_lo, ow_hi,
-                   get_num_threads(), y)
+                   get_num_threads(),
+                   _forward_vectors(kind, p.pool_range), y)
         elif y.size:
             kernel = _forward_nchw_2x2 if kind == 2 else _forward_nchw_3x3
             kernel(xm, table, p.per_channel, p.pool_range,

@@ -34,9 +34,10 @@ def test_2x2_first_call_compiles_no_3x3_code(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     compiled = json.loads(done.stdout.strip().splitlines()[-1])
-    # One forward row function: kind 2, pool_range 2.
+    # One forward row function: kind 2, pool_range 2 (its last argument
+    # but one; the last says which form of the register path runs).
     assert len(compiled["_fwd_row_nhwc"]) == 1
-    assert compiled["_fwd_row_nhwc"][0][-1] == "Literal[int](2)"
+    assert compiled["_fwd_row_nhwc"][0][-2:] == ["Literal[int](2)", "bool"]
     # One backward row function, of kind 2, and none of the 3x3 bodies.
     assert len(compiled["_bwd_rows_nhwc"]) == 1
     for name in ("_bwd_row_3x3_simd", "_rank_rows_3x3",

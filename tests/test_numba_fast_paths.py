@@ -241,6 +241,37 @@ def test_vector_paths_match_reference(name, layout, dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+@pytest.mark.parametrize("name", VECTOR_PATHS)
+def test_forward_forms_give_the_same_bits(name, layout, dtype, monkeypatch):
+    """The forward's register paths in explicit vectors and in loops over
+    channels (engine._forward_vectors picks one by machine and pool_range,
+    engine._FORWARD_VECTORS forces one): on whole vectors of channels,
+    every kind of values and every pool_range, both give the reference's
+    y and the same bits. NCHW reaches them for 3x3 windows keeping 7 ranks
+    or more (the forward by blocks of channels, one vector each here)."""
+    geo, (height, width) = GEOMETRIES[name]
+    channels = 2 * (VECTOR_BYTES // np.dtype(dtype).itemsize)
+    shape = ((2, height, width, channels) if layout == "NHWC"
+             else (2, channels, height, width))
+    monkeypatch.setattr(engine, "_SCRATCH_BYTES", 1)
+    window = np.prod(np.broadcast_to(geo["kernel_size"], 2))
+    for seed, (values, k) in enumerate(itertools.product(
+            VALUES, range(1, window + 1))):
+        x = array_of(values, shape, dtype, 200 + seed)
+        w = _weights(np.random.default_rng(seed), channels, k, seed % 2 == 1)
+        p = _problem(x, w, layout, geo)
+        ys = []
+        for vectors in (True, False):
+            monkeypatch.setattr(engine, "_FORWARD_VECTORS", vectors)
+            ys.append(engine.forward(x, w, p))
+        what = f"{name} {values} k={k}"
+        assert_close(ys[0], reference.forward(x, w, p), dtype,
+                     tolerance_scale("y", x, w), what)
+        assert _bits(ys[0]) == _bits(ys[1]), what
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("special", ["tie", "nan", "signed zeros"])
 def test_3x3_vector_path_mixed_blocks(special, dtype):
     """One window whose first vectors of channels are distinct (kept
