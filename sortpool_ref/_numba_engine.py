@@ -137,14 +137,19 @@ def _sort4(a0, a1, a2, a3):
 
 
 @njit
+def _swap(s, a, b):
+    """(b, a) where s, else (a, b): lane by lane for a _simd Mask."""
+    return select(s, b, a), select(s, a, b)
+
+
+@njit
 def _cx(a, b):
     """Compare-exchange for NaN-free values: (higher, lower), ties kept in
     place. ``b if a < b else a`` is one vmaxps and ``a if a < b else b`` one
     vminps, against five instructions for the NaN-aware form; callers
     replace the result of every window holding a NaN. Scalars or
     _simd vectors (then the networks below sort whole vectors)."""
-    s = a < b
-    return select(s, b, a), select(s, a, b)
+    return _swap(a < b, a, b)
 
 
 @njit
@@ -159,38 +164,107 @@ def _sort4_nan_free(a0, a1, a2, a3):
 
 
 @njit
+def _sort9_swaps(a0, a1, a2, a3, a4, a5, a6, a7, a8):
+    """The 9 values in decreasing order, exact when none is NaN, and the
+    swap mask of each compare-exchange: a 25-comparator sorting network
+    (checked by the 0-1 principle in tests/test_numba_fast_paths.py).
+    With a literal pool_range only the comparators that reach the kept
+    outputs survive LLVM's dead-code elimination (13 for k = 1, 20 for
+    k = 2), and the masks where nothing reads them."""
+    s0 = a0 < a3
+    a0, a3 = _swap(s0, a0, a3)
+    s1 = a1 < a7
+    a1, a7 = _swap(s1, a1, a7)
+    s2 = a2 < a5
+    a2, a5 = _swap(s2, a2, a5)
+    s3 = a4 < a8
+    a4, a8 = _swap(s3, a4, a8)
+    s4 = a0 < a7
+    a0, a7 = _swap(s4, a0, a7)
+    s5 = a2 < a4
+    a2, a4 = _swap(s5, a2, a4)
+    s6 = a3 < a8
+    a3, a8 = _swap(s6, a3, a8)
+    s7 = a5 < a6
+    a5, a6 = _swap(s7, a5, a6)
+    s8 = a0 < a2
+    a0, a2 = _swap(s8, a0, a2)
+    s9 = a1 < a3
+    a1, a3 = _swap(s9, a1, a3)
+    s10 = a4 < a5
+    a4, a5 = _swap(s10, a4, a5)
+    s11 = a7 < a8
+    a7, a8 = _swap(s11, a7, a8)
+    s12 = a1 < a4
+    a1, a4 = _swap(s12, a1, a4)
+    s13 = a3 < a6
+    a3, a6 = _swap(s13, a3, a6)
+    s14 = a5 < a7
+    a5, a7 = _swap(s14, a5, a7)
+    s15 = a0 < a1
+    a0, a1 = _swap(s15, a0, a1)
+    s16 = a2 < a4
+    a2, a4 = _swap(s16, a2, a4)
+    s17 = a3 < a5
+    a3, a5 = _swap(s17, a3, a5)
+    s18 = a6 < a8
+    a6, a8 = _swap(s18, a6, a8)
+    s19 = a2 < a3
+    a2, a3 = _swap(s19, a2, a3)
+    s20 = a4 < a5
+    a4, a5 = _swap(s20, a4, a5)
+    s21 = a6 < a7
+    a6, a7 = _swap(s21, a6, a7)
+    s22 = a1 < a2
+    a1, a2 = _swap(s22, a1, a2)
+    s23 = a3 < a4
+    a3, a4 = _swap(s23, a3, a4)
+    s24 = a5 < a6
+    a5, a6 = _swap(s24, a5, a6)
+    return ((a0, a1, a2, a3, a4, a5, a6, a7, a8),
+            (s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14,
+             s15, s16, s17, s18, s19, s20, s21, s22, s23, s24))
+
+
+@njit
 def _sort9_nan_free(a0, a1, a2, a3, a4, a5, a6, a7, a8):
-    """The 9 values in decreasing order, exact when none is NaN: a
-    25-comparator sorting network (checked by the 0-1 principle in
-    tests/test_numba_fast_paths.py). With a literal pool_range only the
-    comparators that reach the kept outputs survive LLVM's dead-code
-    elimination (13 for k = 1, 20 for k = 2)."""
-    a0, a3 = _cx(a0, a3)
-    a1, a7 = _cx(a1, a7)
-    a2, a5 = _cx(a2, a5)
-    a4, a8 = _cx(a4, a8)
-    a0, a7 = _cx(a0, a7)
-    a2, a4 = _cx(a2, a4)
-    a3, a8 = _cx(a3, a8)
-    a5, a6 = _cx(a5, a6)
-    a0, a2 = _cx(a0, a2)
-    a1, a3 = _cx(a1, a3)
-    a4, a5 = _cx(a4, a5)
-    a7, a8 = _cx(a7, a8)
-    a1, a4 = _cx(a1, a4)
-    a3, a6 = _cx(a3, a6)
-    a5, a7 = _cx(a5, a7)
-    a0, a1 = _cx(a0, a1)
-    a2, a4 = _cx(a2, a4)
-    a3, a5 = _cx(a3, a5)
-    a6, a8 = _cx(a6, a8)
-    a2, a3 = _cx(a2, a3)
-    a4, a5 = _cx(a4, a5)
-    a6, a7 = _cx(a6, a7)
-    a1, a2 = _cx(a1, a2)
-    a3, a4 = _cx(a3, a4)
-    a5, a6 = _cx(a5, a6)
-    return a0, a1, a2, a3, a4, a5, a6, a7, a8
+    """The values of _sort9_swaps."""
+    return _sort9_swaps(a0, a1, a2, a3, a4, a5, a6, a7, a8)[0]
+
+
+@njit
+def _unsort9(s, t0, t1, t2, t3, t4, t5, t6, t7, t8):
+    """t_r (r: a rank of _sort9_swaps' output) moved back to the position
+    that holds rank r: the network's swaps s replayed in reverse. Exact
+    for distinct values, where the network's order is the stable one."""
+    (s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14, s15, s16,
+     s17, s18, s19, s20, s21, s22, s23, s24) = s
+    t5, t6 = _swap(s24, t5, t6)
+    t3, t4 = _swap(s23, t3, t4)
+    t1, t2 = _swap(s22, t1, t2)
+    t6, t7 = _swap(s21, t6, t7)
+    t4, t5 = _swap(s20, t4, t5)
+    t2, t3 = _swap(s19, t2, t3)
+    t6, t8 = _swap(s18, t6, t8)
+    t3, t5 = _swap(s17, t3, t5)
+    t2, t4 = _swap(s16, t2, t4)
+    t0, t1 = _swap(s15, t0, t1)
+    t5, t7 = _swap(s14, t5, t7)
+    t3, t6 = _swap(s13, t3, t6)
+    t1, t4 = _swap(s12, t1, t4)
+    t7, t8 = _swap(s11, t7, t8)
+    t4, t5 = _swap(s10, t4, t5)
+    t1, t3 = _swap(s9, t1, t3)
+    t0, t2 = _swap(s8, t0, t2)
+    t5, t6 = _swap(s7, t5, t6)
+    t3, t8 = _swap(s6, t3, t8)
+    t2, t4 = _swap(s5, t2, t4)
+    t0, t7 = _swap(s4, t0, t7)
+    t4, t8 = _swap(s3, t4, t8)
+    t2, t5 = _swap(s2, t2, t5)
+    t1, t7 = _swap(s1, t1, t7)
+    t0, t3 = _swap(s0, t0, t3)
+    return t0, t1, t2, t3, t4, t5, t6, t7, t8
 
 
 @njit(inline="always")
@@ -996,12 +1070,16 @@ def _window_3x3_simd(x, gy, tpad, gx, part, xo, go, rs, cs, stores, kk):
     for _bwd_3x3_nhwc. Per block of channels: sort the nine vectors with
     the NaN-free network; where no lane holds a NaN or ties among its
     kk + 1 largest values, each position's weight is that of the kept
-    value it equals (the ranking-free path of _distinct_weights_3x3);
-    otherwise ranks from the pairwise comparisons (as _bwd_3x3_nhwc's
-    ranking path). Then nine stores or adds into grad_x and the block
-    sums. Every weight is computed before the first store: a store to
-    grad_x could alias tpad for all LLVM knows, which would repeat its
-    loads for each position."""
+    value it equals (the ranking-free path of _distinct_weights_3x3),
+    or for kk = 9 (pool_range 5-9: all nine values ranked) that of its
+    place in the network's output, the products g * p_r moved back
+    through the network's swaps (_unsort9: the 25 swap masks kept and 50
+    selects, against 81 comparisons and 81 selects; the same numbers, as
+    every weight is one of the table's); otherwise ranks from the
+    pairwise comparisons (as _bwd_3x3_nhwc's ranking path). Then nine
+    stores or adds into grad_x and the block sums. Every weight is
+    computed before the first store: a store to grad_x could alias tpad
+    for all LLVM knows, which would repeat its loads for each position."""
     channels = tpad.shape[1]
     lanes = VECTOR_BYTES // x.itemsize
     zero = zeros(tpad)
@@ -1011,11 +1089,12 @@ def _window_3x3_simd(x, gy, tpad, gx, part, xo, go, rs, cs, stores, kk):
              load(x, o + rs), load(x, o + rs + cs), load(x, o + rs + 2 * cs),
              load(x, o + 2 * rs), load(x, o + 2 * rs + cs),
              load(x, o + 2 * rs + 2 * cs))
-        v = _sort9_nan_free(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7],
-                            a[8])
+        v, swaps = _sort9_swaps(a[0], a[1], a[2], a[3], a[4], a[5], a[6],
+                                a[7], a[8])
         m = _any_nan9(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8])
         for r in range(min(kk, 8)):
             m = m | (v[r] == v[r + 1])
+        g = load(gy, go + i)
         if any_lane(m):
             p = (load(tpad, i), load(tpad, channels + i),
                  load(tpad, 2 * channels + i), load(tpad, 3 * channels + i),
@@ -1026,6 +1105,18 @@ def _window_3x3_simd(x, gy, tpad, gx, part, xo, go, rs, cs, stores, kk):
                  full(tpad, 4), full(tpad, 5), full(tpad, 6), full(tpad, 7),
                  full(tpad, 8))
             w, v = _ranked_block_simd(a, p, f)
+            gw = (g * w[0], g * w[1], g * w[2], g * w[3], g * w[4],
+                  g * w[5], g * w[6], g * w[7], g * w[8])
+        elif kk == 9:
+            gw = _unsort9(
+                swaps, g * load(tpad, i), g * load(tpad, channels + i),
+                g * load(tpad, 2 * channels + i),
+                g * load(tpad, 3 * channels + i),
+                g * load(tpad, 4 * channels + i),
+                g * load(tpad, 5 * channels + i),
+                g * load(tpad, 6 * channels + i),
+                g * load(tpad, 7 * channels + i),
+                g * load(tpad, 8 * channels + i))
         else:
             w = (_weight_by_value(a[0], v, tpad, i, channels, zero, kk),
                  _weight_by_value(a[1], v, tpad, i, channels, zero, kk),
@@ -1036,9 +1127,10 @@ def _window_3x3_simd(x, gy, tpad, gx, part, xo, go, rs, cs, stores, kk):
                  _weight_by_value(a[6], v, tpad, i, channels, zero, kk),
                  _weight_by_value(a[7], v, tpad, i, channels, zero, kk),
                  _weight_by_value(a[8], v, tpad, i, channels, zero, kk))
-        g = load(gy, go + i)
+            gw = (g * w[0], g * w[1], g * w[2], g * w[3], g * w[4],
+                  g * w[5], g * w[6], g * w[7], g * w[8])
         for q in range(9):
-            _put(gx, o + (q // 3) * rs + (q % 3) * cs, g * w[q],
+            _put(gx, o + (q // 3) * rs + (q % 3) * cs, gw[q],
                  (stores >> q) & 1)
         for r in range(kk):
             j = r * channels + i

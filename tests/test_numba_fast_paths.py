@@ -133,6 +133,23 @@ def _all_windows_2x2():
     return vals
 
 
+def test_unsort9_moves_ranks_back():
+    """_unsort9 replays the network's swaps in reverse: given the swaps of
+    distinct values and the ranks 0-8 in sorted order, it gives each
+    position its own rank (every order of 9 values is a permutation, so a
+    sample of 2000 of them and the 9 rotations of one)."""
+    rng = np.random.default_rng(7)
+    orders = [rng.permutation(9) for _ in range(2000)]
+    orders += [np.roll(np.arange(9), r) for r in range(9)]
+    for order in orders:
+        values = order.astype(np.float64)
+        sorted_values, swaps = engine._sort9_swaps.py_func(*values)
+        assert list(sorted_values) == sorted(values, reverse=True)
+        ranks = engine._unsort9.py_func(swaps, *map(float, range(9)))
+        want = (8 - order).astype(np.float64)  # value 8 ranks 0
+        np.testing.assert_array_equal(ranks, want)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
 @pytest.mark.parametrize("across", ["channels", "columns"])
