@@ -149,7 +149,8 @@ def _cx(a, b):
     vminps, against five instructions for the NaN-aware form; callers
     replace the result of every window holding a NaN. Scalars or
     _simd vectors (then the networks below sort whole vectors)."""
-    return _swap(a < b, a, b)
+    s = a < b
+    return select(s, b, a), select(s, a, b)
 
 
 @njit
@@ -164,13 +165,47 @@ def _sort4_nan_free(a0, a1, a2, a3):
 
 
 @njit
+def _sort9_nan_free(a0, a1, a2, a3, a4, a5, a6, a7, a8):
+    """The 9 values in decreasing order, exact when none is NaN: a
+    25-comparator sorting network (checked by the 0-1 principle in
+    tests/test_numba_fast_paths.py). With a literal pool_range only the
+    comparators that reach the kept outputs survive LLVM's dead-code
+    elimination (13 for k = 1, 20 for k = 2)."""
+    a0, a3 = _cx(a0, a3)
+    a1, a7 = _cx(a1, a7)
+    a2, a5 = _cx(a2, a5)
+    a4, a8 = _cx(a4, a8)
+    a0, a7 = _cx(a0, a7)
+    a2, a4 = _cx(a2, a4)
+    a3, a8 = _cx(a3, a8)
+    a5, a6 = _cx(a5, a6)
+    a0, a2 = _cx(a0, a2)
+    a1, a3 = _cx(a1, a3)
+    a4, a5 = _cx(a4, a5)
+    a7, a8 = _cx(a7, a8)
+    a1, a4 = _cx(a1, a4)
+    a3, a6 = _cx(a3, a6)
+    a5, a7 = _cx(a5, a7)
+    a0, a1 = _cx(a0, a1)
+    a2, a4 = _cx(a2, a4)
+    a3, a5 = _cx(a3, a5)
+    a6, a8 = _cx(a6, a8)
+    a2, a3 = _cx(a2, a3)
+    a4, a5 = _cx(a4, a5)
+    a6, a7 = _cx(a6, a7)
+    a1, a2 = _cx(a1, a2)
+    a3, a4 = _cx(a3, a4)
+    a5, a6 = _cx(a5, a6)
+    return a0, a1, a2, a3, a4, a5, a6, a7, a8
+
+
+@njit
 def _sort9_swaps(a0, a1, a2, a3, a4, a5, a6, a7, a8):
-    """The 9 values in decreasing order, exact when none is NaN, and the
-    swap mask of each compare-exchange: a 25-comparator sorting network
-    (checked by the 0-1 principle in tests/test_numba_fast_paths.py).
-    With a literal pool_range only the comparators that reach the kept
-    outputs survive LLVM's dead-code elimination (13 for k = 1, 20 for
-    k = 2), and the masks where nothing reads them."""
+    """_sort9_nan_free's network, returning the swap mask of each of its
+    compare-exchanges too (for _unsort9). Written out a second time: with
+    _sort9_nan_free returning this function's values, the forwards' loops
+    over channels ran 8 times slower (3x3 float32 forward 4 -> 34 ms).
+    Unused masks and comparators vanish as in _sort9_nan_free."""
     s0 = a0 < a3
     a0, a3 = _swap(s0, a0, a3)
     s1 = a1 < a7
@@ -224,12 +259,6 @@ def _sort9_swaps(a0, a1, a2, a3, a4, a5, a6, a7, a8):
     return ((a0, a1, a2, a3, a4, a5, a6, a7, a8),
             (s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14,
              s15, s16, s17, s18, s19, s20, s21, s22, s23, s24))
-
-
-@njit
-def _sort9_nan_free(a0, a1, a2, a3, a4, a5, a6, a7, a8):
-    """The values of _sort9_swaps."""
-    return _sort9_swaps(a0, a1, a2, a3, a4, a5, a6, a7, a8)[0]
 
 
 @njit
