@@ -588,7 +588,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             machine=info, startup=start, load=[load_before, load_after],
             results=rows,
             raw={c.label(): {n: t for n, t in c.timings.items()}
-                 for c in cases}), indent=1))
+                 for c in cases},
+            huge_page_mb={c.label(): list(c.memory) for c in cases}),
+            indent=1))
     if args.png:
         chart(cases, args.png)
     if args.update_docs:

@@ -64,3 +64,24 @@ def test_grad_floor_writes_every_element(layout, stride):
                              out.transpose(0, 3, 1, 2)))
         got = got.transpose(0, 2, 3, 1)
     np.testing.assert_array_equal(got, want)
+
+
+def test_memory_probes_read_this_process():
+    """The machine table's huge-page rows: the kernel's mode is read (or
+    'unknown' off Linux), and the probe of the process's anonymous memory
+    sees 64 MB allocated and touched (where /proc/self/smaps_rollup
+    exists)."""
+    import os
+
+    from bench import run
+
+    mode = run._huge_page_mode()
+    assert mode == "unknown" or "NumPy madvise" in mode
+    if not os.path.exists("/proc/self/smaps_rollup"):
+        return
+    huge, before = run._anon_memory()
+    block = np.ones(64 << 20, dtype=np.uint8)
+    huge_after, after = run._anon_memory()
+    assert after - before > 60, (before, after)
+    assert 0 <= huge_after <= after
+    del block
