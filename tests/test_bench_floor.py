@@ -79,7 +79,7 @@ def test_memory_probes_read_this_process():
     assert mode == "unknown" or "NumPy madvise" in mode
     if not os.path.exists("/proc/self/smaps_rollup"):
         return
-    huge, before = run._anon_memory()
+    _, before = run._anon_memory()
     block = np.ones(64 << 20, dtype=np.uint8)
     huge_after, after = run._anon_memory()
     assert after - before > 60, (before, after)
