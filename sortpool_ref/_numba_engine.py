@@ -499,55 +499,65 @@ def _ranks9(a0, a1, a2, a3, a4, a5, a6, a7, a8, one, zero, nan_aware):
 # the window's values is NaN: bit-identical to sorting with NaN on top.
 
 @njit(inline="always")
-def _fwd_2x2_nhwc(x0, x1, x2, x3, tb, y, kk):
-    nan = y.dtype.type(np.nan)
-    for c in range(y.shape[0]):
-        a0 = x0[c]
-        a1 = x1[c]
-        a2 = x2[c]
-        a3 = x3[c]
-        v0, v1, v2, v3 = _sort4_nan_free(a0, a1, a2, a3)
-        acc = _weighted(v0, v1, v2, v3, v3, v3, v3, v3, v3, tb, c, kk)
-        y[c] = nan if _any_nan4(a0, a1, a2, a3) else acc
+def _fwd_2x2_nhwc(r0, r1, yr, lo, hi, sw, pl, dw, tb, kk):
+    """Windows [lo, hi) of one output row, all inside the input: r0 and r1
+    its two input rows and yr the output row ((W, C) and (OW, C) views).
+    The loop over windows is here rather than in the caller, and windows
+    are indexed rather than sliced: a view, or an array passed to an
+    inlined function, costs an atomic reference-count increment and
+    decrement, and those per window were a measurable share of its time
+    (see docs/performance.md)."""
+    nan = yr.dtype.type(np.nan)
+    for ow in range(lo, hi):
+        c0 = ow * sw - pl
+        for c in range(yr.shape[1]):
+            a0 = r0[c0, c]
+            a1 = r0[c0 + dw, c]
+            a2 = r1[c0, c]
+            a3 = r1[c0 + dw, c]
+            v0, v1, v2, v3 = _sort4_nan_free(a0, a1, a2, a3)
+            acc = _weighted(v0, v1, v2, v3, v3, v3, v3, v3, v3, tb, c, kk)
+            yr[ow, c] = nan if _any_nan4(a0, a1, a2, a3) else acc
+
+
+@njit(inline="always")
+def _fwd_3x3_nhwc(r0, r1, r2, yr, lo, hi, sw, pl, dw, tb, kk):
+    """_fwd_2x2_nhwc for 3x3 windows: r0, r1, r2 the input rows."""
+    nan = yr.dtype.type(np.nan)
+    for ow in range(lo, hi):
+        c0 = ow * sw - pl
+        c1 = c0 + dw
+        c2 = c1 + dw
+        for c in range(yr.shape[1]):
+            a0 = r0[c0, c]
+            a1 = r0[c1, c]
+            a2 = r0[c2, c]
+            a3 = r1[c0, c]
+            a4 = r1[c1, c]
+            a5 = r1[c2, c]
+            a6 = r2[c0, c]
+            a7 = r2[c1, c]
+            a8 = r2[c2, c]
+            v0, v1, v2, v3, v4, v5, v6, v7, v8 = _sort9_nan_free(
+                a0, a1, a2, a3, a4, a5, a6, a7, a8)
+            acc = _weighted(v0, v1, v2, v3, v4, v5, v6, v7, v8, tb, c, kk)
+            bad = _any_nan9(a0, a1, a2, a3, a4, a5, a6, a7, a8)
+            yr[ow, c] = nan if bad else acc
 
 
 @njit(inline="always")
 def _window9(r0, r1, r2, col, dw):
     """The 9 entries of a 3x3 window in scan order: columns col, col + dw,
-    col + 2 dw of rows r0, r1, r2 (scalars of padded NCHW rows, or (C,)
-    channel rows of NHWC ones)."""
+    col + 2 dw of rows r0, r1, r2 (scalars of padded NCHW rows)."""
     return (r0[col], r0[col + dw], r0[col + 2 * dw],
             r1[col], r1[col + dw], r1[col + 2 * dw],
             r2[col], r2[col + dw], r2[col + 2 * dw])
 
 
-@njit(inline="always")
-def _fwd_3x3_nhwc(r0, r1, r2, c0, dw, tb, y, kk):
-    """Window whose rows are r0, r1, r2 (each (W, C)), columns c0, c0 + dw,
-    c0 + 2 dw."""
-    nan = y.dtype.type(np.nan)
-    x0, x1, x2, x3, x4, x5, x6, x7, x8 = _window9(r0, r1, r2, c0, dw)
-    for c in range(y.shape[0]):
-        a0 = x0[c]
-        a1 = x1[c]
-        a2 = x2[c]
-        a3 = x3[c]
-        a4 = x4[c]
-        a5 = x5[c]
-        a6 = x6[c]
-        a7 = x7[c]
-        a8 = x8[c]
-        v0, v1, v2, v3, v4, v5, v6, v7, v8 = _sort9_nan_free(
-            a0, a1, a2, a3, a4, a5, a6, a7, a8)
-        acc = _weighted(v0, v1, v2, v3, v4, v5, v6, v7, v8, tb, c, kk)
-        bad = _any_nan9(a0, a1, a2, a3, a4, a5, a6, a7, a8)
-        y[c] = nan if bad else acc
-
-
 # The NHWC register-path forwards in explicit vectors (_simd), for
 # channel counts that fill whole vectors: flat indices as for
-# _window_3x3_simd, the same network, products and sums as the loop forms,
-# bit for bit.
+# _windows_3x3_simd, the same network, products and sums as the loop
+# forms, bit for bit.
 
 @njit(inline="always")
 def _fwd_store_simd(tb, y, yo, i, channels, v, bad, kk):
@@ -559,40 +569,47 @@ def _fwd_store_simd(tb, y, yo, i, channels, v, bad, kk):
 
 
 @njit(inline="always")
-def _fwd_2x2_simd(x, tb, y, xo, yo, rs, cs, kk):
-    """_fwd_2x2_nhwc for window x.flat[xo] (rs, cs: flat steps to the
-    next window row and column), output y.flat[yo]."""
+def _fwd_2x2_simd(x, tb, y, xo, yo, ws, count, rs, cs, kk):
+    """_fwd_2x2_nhwc for count windows, the first at x.flat[xo] (ws, rs,
+    cs: flat steps to the next window, window row and column), outputs
+    from y.flat[yo]."""
     channels = tb.shape[1]
-    for i in range(0, channels, VECTOR_BYTES // x.itemsize):
-        o = xo + i
-        a0 = load(x, o)
-        a1 = load(x, o + cs)
-        a2 = load(x, o + rs)
-        a3 = load(x, o + rs + cs)
-        _fwd_store_simd(tb, y, yo, i, channels,
-                        _sort4_nan_free(a0, a1, a2, a3),
-                        _any_nan4(a0, a1, a2, a3), kk)
+    for t in range(count):
+        xt = xo + t * ws
+        yt = yo + t * channels
+        for i in range(0, channels, VECTOR_BYTES // x.itemsize):
+            o = xt + i
+            a0 = load(x, o)
+            a1 = load(x, o + cs)
+            a2 = load(x, o + rs)
+            a3 = load(x, o + rs + cs)
+            _fwd_store_simd(tb, y, yt, i, channels,
+                            _sort4_nan_free(a0, a1, a2, a3),
+                            _any_nan4(a0, a1, a2, a3), kk)
 
 
 @njit(inline="always")
-def _fwd_3x3_simd(x, tb, y, xo, yo, rs, cs, kk):
+def _fwd_3x3_simd(x, tb, y, xo, yo, ws, count, rs, cs, kk):
     """_fwd_3x3_nhwc in the manner of _fwd_2x2_simd."""
     channels = tb.shape[1]
-    for i in range(0, channels, VECTOR_BYTES // x.itemsize):
-        o = xo + i
-        a0 = load(x, o)
-        a1 = load(x, o + cs)
-        a2 = load(x, o + 2 * cs)
-        a3 = load(x, o + rs)
-        a4 = load(x, o + rs + cs)
-        a5 = load(x, o + rs + 2 * cs)
-        a6 = load(x, o + 2 * rs)
-        a7 = load(x, o + 2 * rs + cs)
-        a8 = load(x, o + 2 * rs + 2 * cs)
-        _fwd_store_simd(
-            tb, y, yo, i, channels,
-            _sort9_nan_free(a0, a1, a2, a3, a4, a5, a6, a7, a8),
-            _any_nan9(a0, a1, a2, a3, a4, a5, a6, a7, a8), kk)
+    for t in range(count):
+        xt = xo + t * ws
+        yt = yo + t * channels
+        for i in range(0, channels, VECTOR_BYTES // x.itemsize):
+            o = xt + i
+            a0 = load(x, o)
+            a1 = load(x, o + cs)
+            a2 = load(x, o + 2 * cs)
+            a3 = load(x, o + rs)
+            a4 = load(x, o + rs + cs)
+            a5 = load(x, o + rs + 2 * cs)
+            a6 = load(x, o + 2 * rs)
+            a7 = load(x, o + 2 * rs + cs)
+            a8 = load(x, o + 2 * rs + 2 * cs)
+            _fwd_store_simd(
+                tb, y, yt, i, channels,
+                _sort9_nan_free(a0, a1, a2, a3, a4, a5, a6, a7, a8),
+                _any_nan9(a0, a1, a2, a3, a4, a5, a6, a7, a8), kk)
 
 
 @njit(inline="always")
@@ -961,9 +978,11 @@ def _at_rank(f, r0, r1, r2, a0, a1, a2, a3):
 
 
 @njit(inline="always")
-def _window_2x2_simd(x, gy, tpad, gx, part, xo, go, rs, cs, overwrite):
-    """_bwd_2x2_nhwc in explicit vectors (_simd): one window inside the
-    input, all channels, flat indices as for _window_3x3_simd. Ranks from
+def _windows_2x2_simd(x, gy, tpad, gx, part, acc, xo, go, ws, count, rs, cs,
+                      overwrite, in_block, k):
+    """_bwd_2x2_nhwc in explicit vectors (_simd): count windows inside the
+    input, all channels, flat indices and block sums as for
+    _windows_3x3_simd. Ranks from
     the 6 pairwise comparisons (NaN-aware, earlier position first on
     ties), each position's weight from the zero-padded table by a chain of
     selects, and the ranked values for the block sums (all four ranks, as
@@ -975,51 +994,59 @@ def _window_2x2_simd(x, gy, tpad, gx, part, xo, go, rs, cs, overwrite):
     one = full(tpad, 1.0)
     two = full(tpad, 2.0)
     three = full(tpad, 3.0)
-    for i in range(0, channels, lanes):
-        o = xo + i
-        a0 = load(x, o)
-        a1 = load(x, o + cs)
-        a2 = load(x, o + rs)
-        a3 = load(x, o + rs + cs)
-        n0 = a0 != a0
-        n1 = a1 != a1
-        n2 = a2 != a2
-        # bST: position S (earlier) ranks above position T (later).
-        b01 = n0 | (a0 >= a1)
-        b02 = n0 | (a0 >= a2)
-        b03 = n0 | (a0 >= a3)
-        b12 = n1 | (a1 >= a2)
-        b13 = n1 | (a1 >= a3)
-        b23 = n2 | (a2 >= a3)
-        r0 = (select(b01, zero, one) + select(b02, zero, one)
-              + select(b03, zero, one))
-        r1 = (select(b01, one, zero) + select(b12, zero, one)
-              + select(b13, zero, one))
-        r2 = (select(b02, one, zero) + select(b12, one, zero)
-              + select(b23, zero, one))
-        r3 = (select(b03, one, zero) + select(b13, one, zero)
-              + select(b23, one, zero))
-        g = load(gy, go + i)
-        q0 = load(tpad, i)
-        q1 = load(tpad, channels + i)
-        q2 = load(tpad, 2 * channels + i)
-        q3 = load(tpad, 3 * channels + i)
-        w0 = _of_rank(r0, zero, one, two, q0, q1, q2, q3)
-        w1 = _of_rank(r1, zero, one, two, q0, q1, q2, q3)
-        w2 = _of_rank(r2, zero, one, two, q0, q1, q2, q3)
-        w3 = _of_rank(r3, zero, one, two, q0, q1, q2, q3)
-        _put(gx, o, g * w0, overwrite)
-        _put(gx, o + cs, g * w1, overwrite)
-        _put(gx, o + rs, g * w2, overwrite)
-        _put(gx, o + rs + cs, g * w3, overwrite)
-        v0 = _at_rank(zero, r0, r1, r2, a0, a1, a2, a3)
-        v1 = _at_rank(one, r0, r1, r2, a0, a1, a2, a3)
-        v2 = _at_rank(two, r0, r1, r2, a0, a1, a2, a3)
-        v3 = _at_rank(three, r0, r1, r2, a0, a1, a2, a3)
-        store(part, i, load(part, i) + g * v0)
-        store(part, channels + i, load(part, channels + i) + g * v1)
-        store(part, 2 * channels + i, load(part, 2 * channels + i) + g * v2)
-        store(part, 3 * channels + i, load(part, 3 * channels + i) + g * v3)
+    for t in range(count):
+        xt = xo + t * ws
+        gt = go + t * channels
+        for i in range(0, channels, lanes):
+            o = xt + i
+            a0 = load(x, o)
+            a1 = load(x, o + cs)
+            a2 = load(x, o + rs)
+            a3 = load(x, o + rs + cs)
+            n0 = a0 != a0
+            n1 = a1 != a1
+            n2 = a2 != a2
+            # bST: position S (earlier) ranks above position T (later).
+            b01 = n0 | (a0 >= a1)
+            b02 = n0 | (a0 >= a2)
+            b03 = n0 | (a0 >= a3)
+            b12 = n1 | (a1 >= a2)
+            b13 = n1 | (a1 >= a3)
+            b23 = n2 | (a2 >= a3)
+            r0 = (select(b01, zero, one) + select(b02, zero, one)
+                  + select(b03, zero, one))
+            r1 = (select(b01, one, zero) + select(b12, zero, one)
+                  + select(b13, zero, one))
+            r2 = (select(b02, one, zero) + select(b12, one, zero)
+                  + select(b23, zero, one))
+            r3 = (select(b03, one, zero) + select(b13, one, zero)
+                  + select(b23, one, zero))
+            g = load(gy, gt + i)
+            q0 = load(tpad, i)
+            q1 = load(tpad, channels + i)
+            q2 = load(tpad, 2 * channels + i)
+            q3 = load(tpad, 3 * channels + i)
+            w0 = _of_rank(r0, zero, one, two, q0, q1, q2, q3)
+            w1 = _of_rank(r1, zero, one, two, q0, q1, q2, q3)
+            w2 = _of_rank(r2, zero, one, two, q0, q1, q2, q3)
+            w3 = _of_rank(r3, zero, one, two, q0, q1, q2, q3)
+            _put(gx, o, g * w0, overwrite)
+            _put(gx, o + cs, g * w1, overwrite)
+            _put(gx, o + rs, g * w2, overwrite)
+            _put(gx, o + rs + cs, g * w3, overwrite)
+            v0 = _at_rank(zero, r0, r1, r2, a0, a1, a2, a3)
+            v1 = _at_rank(one, r0, r1, r2, a0, a1, a2, a3)
+            v2 = _at_rank(two, r0, r1, r2, a0, a1, a2, a3)
+            v3 = _at_rank(three, r0, r1, r2, a0, a1, a2, a3)
+            store(part, i, load(part, i) + g * v0)
+            store(part, channels + i, load(part, channels + i) + g * v1)
+            store(part, 2 * channels + i, load(part, 2 * channels + i) + g * v2)
+            store(part, 3 * channels + i, load(part, 3 * channels + i) + g * v3)
+        in_block += 1
+        if in_block == _BLOCK:
+            _flush_partials(part, acc, k)
+            in_block = 0
+    return in_block
 
 
 @njit(inline="always")
@@ -1092,11 +1119,19 @@ def _ranked_block_simd(a, p, f):
 
 
 @njit(inline="always")
-def _window_3x3_simd(x, gy, tpad, gx, part, xo, go, rs, cs, stores, kk):
-    """One 3x3 window inside the input, all channels, for a literal kk:
-    x.flat[xo] is its first position's first channel, rs and cs the flat
-    steps to the next window row and column, gy.flat[go] its g; stores as
-    for _bwd_3x3_nhwc. Per block of channels: sort the nine vectors with
+def _windows_3x3_simd(x, gy, tpad, gx, part, acc, xo, go, ws, count, rs, cs,
+                      stores, in_block, k, kk):
+    """count 3x3 windows of one output row, all inside the input, all
+    channels, for a literal kk: x.flat[xo] is the first one's first
+    position's first channel, ws, rs and cs the flat steps to the next
+    window, window row and window column, gy.flat[go] the first one's g;
+    stores as for _bwd_3x3_nhwc. The weight gradient's products go into
+    the block sums part, flushed into acc every _BLOCK windows (in_block:
+    the windows in the current block; the new count is returned). The
+    loop over windows is here, not in the caller, so that the arrays are
+    passed once per row: an array passed to an inlined function costs an
+    atomic reference-count increment and decrement. Per block of
+    channels: sort the nine vectors with
     the NaN-free network; where no lane holds a NaN or ties among its
     kk + 1 largest values, each position's weight is that of the kept
     value it equals (the ranking-free path of _distinct_weights_3x3),
@@ -1112,64 +1147,72 @@ def _window_3x3_simd(x, gy, tpad, gx, part, xo, go, rs, cs, stores, kk):
     channels = tpad.shape[1]
     lanes = VECTOR_BYTES // x.itemsize
     zero = zeros(tpad)
-    for i in range(0, channels, lanes):
-        o = xo + i
-        a = (load(x, o), load(x, o + cs), load(x, o + 2 * cs),
-             load(x, o + rs), load(x, o + rs + cs), load(x, o + rs + 2 * cs),
-             load(x, o + 2 * rs), load(x, o + 2 * rs + cs),
-             load(x, o + 2 * rs + 2 * cs))
-        v, swaps = _sort9_swaps(a[0], a[1], a[2], a[3], a[4], a[5], a[6],
-                                a[7], a[8])
-        m = _any_nan9(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8])
-        for r in range(min(kk, 8)):
-            m = m | (v[r] == v[r + 1])
-        g = load(gy, go + i)
-        if any_lane(m):
-            p = (load(tpad, i), load(tpad, channels + i),
-                 load(tpad, 2 * channels + i), load(tpad, 3 * channels + i),
-                 load(tpad, 4 * channels + i), load(tpad, 5 * channels + i),
-                 load(tpad, 6 * channels + i), load(tpad, 7 * channels + i),
-                 load(tpad, 8 * channels + i))
-            f = (zero, full(tpad, 1), full(tpad, 2), full(tpad, 3),
-                 full(tpad, 4), full(tpad, 5), full(tpad, 6), full(tpad, 7),
-                 full(tpad, 8))
-            w, v = _ranked_block_simd(a, p, f)
-            gw = (g * w[0], g * w[1], g * w[2], g * w[3], g * w[4],
-                  g * w[5], g * w[6], g * w[7], g * w[8])
-        elif kk == 9:
-            gw = _unsort9(
-                swaps, g * load(tpad, i), g * load(tpad, channels + i),
-                g * load(tpad, 2 * channels + i),
-                g * load(tpad, 3 * channels + i),
-                g * load(tpad, 4 * channels + i),
-                g * load(tpad, 5 * channels + i),
-                g * load(tpad, 6 * channels + i),
-                g * load(tpad, 7 * channels + i),
-                g * load(tpad, 8 * channels + i))
-        else:
-            w = (_weight_by_value(a[0], v, tpad, i, channels, zero, kk),
-                 _weight_by_value(a[1], v, tpad, i, channels, zero, kk),
-                 _weight_by_value(a[2], v, tpad, i, channels, zero, kk),
-                 _weight_by_value(a[3], v, tpad, i, channels, zero, kk),
-                 _weight_by_value(a[4], v, tpad, i, channels, zero, kk),
-                 _weight_by_value(a[5], v, tpad, i, channels, zero, kk),
-                 _weight_by_value(a[6], v, tpad, i, channels, zero, kk),
-                 _weight_by_value(a[7], v, tpad, i, channels, zero, kk),
-                 _weight_by_value(a[8], v, tpad, i, channels, zero, kk))
-            gw = (g * w[0], g * w[1], g * w[2], g * w[3], g * w[4],
-                  g * w[5], g * w[6], g * w[7], g * w[8])
-        for q in range(9):
-            _put(gx, o + (q // 3) * rs + (q % 3) * cs, gw[q],
-                 (stores >> q) & 1)
-        for r in range(kk):
-            j = r * channels + i
-            store(part, j, load(part, j) + g * v[r])
+    for t in range(count):
+        xt = xo + t * ws
+        gt = go + t * channels
+        for i in range(0, channels, lanes):
+            o = xt + i
+            a = (load(x, o), load(x, o + cs), load(x, o + 2 * cs),
+                 load(x, o + rs), load(x, o + rs + cs), load(x, o + rs + 2 * cs),
+                 load(x, o + 2 * rs), load(x, o + 2 * rs + cs),
+                 load(x, o + 2 * rs + 2 * cs))
+            v, swaps = _sort9_swaps(a[0], a[1], a[2], a[3], a[4], a[5], a[6],
+                                    a[7], a[8])
+            m = _any_nan9(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8])
+            for r in range(min(kk, 8)):
+                m = m | (v[r] == v[r + 1])
+            g = load(gy, gt + i)
+            if any_lane(m):
+                p = (load(tpad, i), load(tpad, channels + i),
+                     load(tpad, 2 * channels + i), load(tpad, 3 * channels + i),
+                     load(tpad, 4 * channels + i), load(tpad, 5 * channels + i),
+                     load(tpad, 6 * channels + i), load(tpad, 7 * channels + i),
+                     load(tpad, 8 * channels + i))
+                f = (zero, full(tpad, 1), full(tpad, 2), full(tpad, 3),
+                     full(tpad, 4), full(tpad, 5), full(tpad, 6), full(tpad, 7),
+                     full(tpad, 8))
+                w, v = _ranked_block_simd(a, p, f)
+                gw = (g * w[0], g * w[1], g * w[2], g * w[3], g * w[4],
+                      g * w[5], g * w[6], g * w[7], g * w[8])
+            elif kk == 9:
+                gw = _unsort9(
+                    swaps, g * load(tpad, i), g * load(tpad, channels + i),
+                    g * load(tpad, 2 * channels + i),
+                    g * load(tpad, 3 * channels + i),
+                    g * load(tpad, 4 * channels + i),
+                    g * load(tpad, 5 * channels + i),
+                    g * load(tpad, 6 * channels + i),
+                    g * load(tpad, 7 * channels + i),
+                    g * load(tpad, 8 * channels + i))
+            else:
+                w = (_weight_by_value(a[0], v, tpad, i, channels, zero, kk),
+                     _weight_by_value(a[1], v, tpad, i, channels, zero, kk),
+                     _weight_by_value(a[2], v, tpad, i, channels, zero, kk),
+                     _weight_by_value(a[3], v, tpad, i, channels, zero, kk),
+                     _weight_by_value(a[4], v, tpad, i, channels, zero, kk),
+                     _weight_by_value(a[5], v, tpad, i, channels, zero, kk),
+                     _weight_by_value(a[6], v, tpad, i, channels, zero, kk),
+                     _weight_by_value(a[7], v, tpad, i, channels, zero, kk),
+                     _weight_by_value(a[8], v, tpad, i, channels, zero, kk))
+                gw = (g * w[0], g * w[1], g * w[2], g * w[3], g * w[4],
+                      g * w[5], g * w[6], g * w[7], g * w[8])
+            for q in range(9):
+                _put(gx, o + (q // 3) * rs + (q % 3) * cs, gw[q],
+                     (stores >> q) & 1)
+            for r in range(kk):
+                j = r * channels + i
+                store(part, j, load(part, j) + g * v[r])
+        in_block += 1
+        if in_block == _BLOCK:
+            _flush_partials(part, acc, k)
+            in_block = 0
+    return in_block
 
 
 @njit(cache=True)
 def _bwd_row_3x3_simd(args, kk):
     """The windows [ow_lo, ow_hi) of output row oh, all inside the input,
-    by _window_3x3_simd; block sums of the weight gradient flushed every
+    by _windows_3x3_simd; block sums of the weight gradient flushed every
     _BLOCK windows as in _bwd_rows_nhwc. Returns the windows in the block
     not yet flushed. Compiled once per literal kk (1-4, 9: see
     _simd_row); args: see _simd_row."""
@@ -1183,16 +1226,12 @@ def _bwd_row_3x3_simd(args, kk):
     rs = dh * width * channels
     cs = dw * channels
     h0 = oh * sh - pt
-    for ow in range(ow_lo, ow_hi):
-        c0 = ow * sw - pl
-        xo = ((n * height + h0) * width + c0) * channels
-        go = ((n * gy.shape[1] + oh) * gy.shape[2] + ow) * channels
-        _window_3x3_simd(x, gy, tpad, gx, part, xo, go, rs, cs, stores, kk)
-        in_block += 1
-        if in_block == _BLOCK:
-            _flush_partials(part, acc, k)
-            in_block = 0
-    return in_block
+    c0 = ow_lo * sw - pl
+    xo = ((n * height + h0) * width + c0) * channels
+    go = ((n * gy.shape[1] + oh) * gy.shape[2] + ow_lo) * channels
+    return _windows_3x3_simd(x, gy, tpad, gx, part, acc, xo, go,
+                             sw * channels, max(ow_hi - ow_lo, 0), rs, cs,
+                             stores, in_block, k, kk)
 
 
 # --------------------------------------------------------------------------
@@ -1391,28 +1430,28 @@ def _fwd_row_nhwc(x, n, oh, tblT, k, kind, geo, bnd, y, kk, vectors):
     h0 = oh * sh - pt
     tb = tblT[k]
     simd = vectors and channels % (VECTOR_BYTES // x.itemsize) == 0
-    rs = dh * x.shape[2] * channels
-    cs = dw * channels
+    lo, hi = (ow_lo, max(ow_lo, ow_hi)) if interior_row else (0, 0)
     for ow in range(y.shape[2]):
-        if interior_row and ow >= ow_lo and ow < ow_hi:
-            c0 = ow * sw - pl
-            xo = ((n * x.shape[1] + h0) * x.shape[2] + c0) * channels
-            yo = ((n * y.shape[1] + oh) * y.shape[2] + ow) * channels
-            if kind == 2:
-                if simd:
-                    _fwd_2x2_simd(x, tb, y, xo, yo, rs, cs, kk)
+        if ow == lo and hi > lo:
+            if simd:
+                rs = dh * x.shape[2] * channels
+                cs = dw * channels
+                xo = ((n * x.shape[1] + h0) * x.shape[2] + lo * sw - pl) \
+                    * channels
+                yo = ((n * y.shape[1] + oh) * y.shape[2] + lo) * channels
+                if kind == 2:
+                    _fwd_2x2_simd(x, tb, y, xo, yo, sw * channels, hi - lo,
+                                  rs, cs, kk)
                 else:
-                    _fwd_2x2_nhwc(x[n, h0, c0], x[n, h0, c0 + dw],
-                                  x[n, h0 + dh, c0], x[n, h0 + dh, c0 + dw],
-                                  tb, y[n, oh, ow], kk)
-            elif kind == 3:
-                if simd:
-                    _fwd_3x3_simd(x, tb, y, xo, yo, rs, cs, kk)
-                else:
-                    _fwd_3x3_nhwc(x[n, h0], x[n, h0 + dh],
-                                  x[n, h0 + 2 * dh], c0, dw, tb,
-                                  y[n, oh, ow], kk)
-        else:
+                    _fwd_3x3_simd(x, tb, y, xo, yo, sw * channels, hi - lo,
+                                  rs, cs, kk)
+            elif kind == 2:
+                _fwd_2x2_nhwc(x[n, h0], x[n, h0 + dh], y[n, oh], lo, hi, sw,
+                              pl, dw, tb, kk)
+            else:
+                _fwd_3x3_nhwc(x[n, h0], x[n, h0 + dh], x[n, h0 + 2 * dh],
+                              y[n, oh], lo, hi, sw, pl, dw, tb, kk)
+        elif ow < lo or ow >= hi:
             _fwd_tile_nhwc(x, n, oh, ow, tblT, k, kh, kw, sh, sw, dh, dw,
                            pt, pb, pl, pr, has_pad, pad_value, pos_h, pos_w,
                            pos_s, top, top_s, carry, carry_s, y[n, oh, ow])
@@ -1628,17 +1667,19 @@ def _bwd_rows_nhwc(x, gy, tblT, tpad, k, kind, plain, geo, bnd, row_lo,
                     in_block = _row_3x3_simd(x, gy, tpad, gx, part, ak, n,
                                              oh, ow_lo, ow_hi, geo, stores,
                                              in_block, k, kind)
+            elif inside and simd:
+                if ow == ow_lo:
+                    in_block = _windows_2x2_simd(
+                        x, gy, tpad, gx, part, ak,
+                        ((n * x.shape[1] + h0) * x.shape[2] + ow * sw - pl)
+                        * channels, ((n * out_h + oh) * out_w + ow) * channels,
+                        sw * channels, ow_hi - ow_lo, rs, cs, plain,
+                        in_block, k)
             elif inside:
                 c0 = ow * sw - pl
                 h1 = h0 + dh
                 c1 = c0 + dw
-                if kind == 2 and simd:
-                    _window_2x2_simd(
-                        x, gy, tpad, gx, part,
-                        ((n * x.shape[1] + h0) * x.shape[2] + c0) * channels,
-                        ((n * out_h + oh) * out_w + ow) * channels, rs, cs,
-                        plain)
-                elif kind == 2:
+                if kind == 2:
                     _bwd_2x2_nhwc(x[n, h0, c0], x[n, h0, c1], x[n, h1, c0],
                                   x[n, h1, c1], gy[n, oh, ow], tpad,
                                   (gx[n, h0, c0], gx[n, h0, c1],

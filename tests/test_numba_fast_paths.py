@@ -253,7 +253,7 @@ VECTOR_PATHS = ["2x2", "2x2 p1", "2x2 s1", "2x2 s1 d2 ceil", "3x3 s2 p1",
 def test_vector_paths_match_reference(name, layout, dtype):
     """test_paths_match_reference for 32 channels, whole vectors of either
     dtype, which the 2x2 and 3x3 register paths run in explicit vectors
-    (engine._window_3x3_simd, engine._window_2x2_simd, the forwards)."""
+    (engine._windows_3x3_simd, engine._windows_2x2_simd, the forwards)."""
     assert 32 % (VECTOR_BYTES // np.dtype(dtype).itemsize) == 0
     _check_geometry(name, layout, dtype, channels=32, seed=100)
 
