@@ -1903,9 +1903,10 @@ def _nchw_forward_blocks(kind, kk):
     input rows each output row needs into channels-last scratch (_block_in)
     just before it, runs the NHWC forward's row function on the scratch and
     moves the block's output back. Tasks split evenly over ``workers``.
-    Used for 3x3 windows keeping 7 ranks or more, where it was faster than
-    the NCHW 3x3 kernel (k = 7 / 8 / 9: 13.7 / 13.7 / 14.7 against 16.8 /
-    17.7 / 20.2 ms for (32, 64, 112, 112) float32; k = 5 and 6 5% slower)."""
+    Used for 3x3 windows from _NCHW_BLOCKS_FROM ranks on: float32 7 or
+    more, where it was faster than the NCHW 3x3 kernel (k = 7 / 8 / 9:
+    13.7 / 13.7 / 14.7 against 16.8 / 17.7 / 20.2 ms for (32, 64, 112,
+    112) float32; k = 5 and 6 5% slower), float64 every pool_range."""
     @njit(parallel=True, cache=True)
     def kernel(x, tbls, k, kh, kw, sh, sw, dh, dw, pt, pb, pl, pr, has_pad,
                pad_value, oh_lo, oh_hi, ow_lo, ow_hi, workers, vectors, y):
@@ -2678,6 +2679,16 @@ def _forward_vectors(kind: int, k: int) -> bool:
     return not _AMD_ZEN or (kind == 2 and k == 1)
 
 
+# The NCHW 3x3 forward runs by blocks of channels (_nchw_forward_blocks)
+# from this pool_range on, per item size, and per plane
+# (_forward_nchw_3x3) below it. Measured side by side on the AMD EPYC,
+# (32, 64, 112, 112), ratio to the floor: float64 k = 1 / 4 / 6 1.20 /
+# 1.20 / 1.33 by blocks against 1.25 / 1.39 / 1.53 per plane; float32
+# 1.30 / 1.42 / 1.52 against 1.19 / 1.31 / 1.48 (and k = 7-9 faster by
+# blocks, on the Xeon).
+_NCHW_BLOCKS_FROM = {4: 7, 8: 1}
+
+
 def forward(x: np.ndarray, w: np.ndarray, p: Problem,
             out: Optional[np.ndarray] = None) -> np.ndarray:
     """y for checked arrays: x (float32/float64, p.layout), w (k,) or (C,
@@ -2700,7 +2711,8 @@ def forward(x: np.ndarray, w: np.ndarray, p: Problem,
     else:
         if y is None:
             y = np.empty((p.batch, p.channels, g.out_h, g.out_w), p.dtype)
-        block = _channel_block(p) if kind == 3 and p.pool_range > 6 else 0
+        block = (_channel_block(p) if kind == 3 and p.pool_range
+                 >= _NCHW_BLOCKS_FROM[p.dtype.itemsize] else 0)
         if y.size and block:
             kernel = _nchw_forward_blocks(kind, p.pool_range)
             kernel(xm, _blocked(tblT, block), p.pool_range,

@@ -267,7 +267,8 @@ def test_forward_forms_give_the_same_bits(name, layout, dtype, monkeypatch):
     engine._FORWARD_VECTORS forces one): on whole vectors of channels,
     every kind of values and every pool_range, both give the reference's
     y and the same bits. NCHW reaches them for 3x3 windows keeping 7 ranks
-    or more (the forward by blocks of channels, one vector each here)."""
+    or more in float32, any number in float64 (the forward by blocks of
+    channels, one vector each here)."""
     geo, (height, width) = GEOMETRIES[name]
     channels = 2 * (VECTOR_BYTES // np.dtype(dtype).itemsize)
     shape = ((2, height, width, channels) if layout == "NHWC"
@@ -553,11 +554,12 @@ def test_nchw_backward_by_channel_blocks(name, dtype, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_nchw_3x3_forward_by_channel_blocks(dtype, monkeypatch):
-    """NCHW 3x3 forwards keeping 7 ranks or more, with channels that
-    fill whole vectors, run by blocks of channels (one vector each here:
-    three blocks) without a channels-last copy: every 3x3 geometry and
-    kind of values against the reference, and bit for bit the NHWC
-    forward of the same data (the same row function)."""
+    """NCHW 3x3 forwards keeping 7 ranks or more (float32) or any number
+    (float64), with channels that fill whole vectors, run by blocks of
+    channels (one vector each here: three blocks) without a channels-last
+    copy: every 3x3 geometry and kind of values against the reference,
+    and bit for bit the NHWC forward of the same data (the same row
+    function)."""
     def no_copy(*args):
         raise AssertionError("copied to channels-last")
 
@@ -566,8 +568,10 @@ def test_nchw_3x3_forward_by_channel_blocks(dtype, monkeypatch):
     channels = 3 * lanes
     rng = np.random.default_rng(41)
     names = [name for name in GEOMETRIES if name.startswith("3x3")]
+    first = engine._NCHW_BLOCKS_FROM[np.dtype(dtype).itemsize]
+    ks = [k for k in (2, 7, 9) if k >= first]
     for seed, (name, values, k) in enumerate(itertools.product(
-            names, VALUES, (7, 9))):
+            names, VALUES, ks)):
         geo, (height, width) = GEOMETRIES[name]
         x = array_of(values, (2, channels, height + 2, width + lanes + 3),
                      dtype, seed)
