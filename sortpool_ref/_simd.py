@@ -29,7 +29,7 @@ from __future__ import annotations
 import operator
 
 from llvmlite import ir
-from numba.core import types
+from numba.core import cgutils, types
 from numba.extending import intrinsic, models, overload, register_model
 
 VECTOR_BYTES = 64
@@ -106,6 +106,33 @@ def store(typingctx, arr, i, v):
                       align=1)
         return context.get_dummy_value()
     return types.none(arr, i, v), codegen
+
+
+def _prefetch(write):
+    def prefetch(typingctx, arr, i):
+        if not (_c_float_array(arr) and isinstance(i, types.Integer)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            a = context.make_array(sig.args[0])(context, builder, args[0])
+            # Not inbounds: i may point past the array (a prefetch never
+            # faults).
+            ptr = builder.bitcast(builder.gep(a.data, [args[1]]),
+                                  ir.IntType(8).as_pointer())
+            i32 = ir.IntType(32)
+            fnty = ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32])
+            fn = cgutils.get_or_insert_function(builder.module, fnty,
+                                                "llvm.prefetch.p0")
+            builder.call(fn, [ptr, i32(write), i32(3), i32(1)])
+            return context.get_dummy_value()
+        return types.none(arr, i), codegen
+    return prefetch
+
+
+prefetch = intrinsic(_prefetch(0))
+prefetch.__doc__ = """Ask for the cache line of arr.flat[i] to be read
+into the caches (a hint: nothing is loaded, nothing can fault)."""
+prefetch_write = intrinsic(_prefetch(1))
 
 
 @intrinsic

@@ -179,12 +179,14 @@ def test_2x2_register_path_every_special_window(across, layout, dtype):
 
 def test_sort9_networks_sort():
     """The three written-out copies of the 25-comparator network
-    (NaN-free, NaN-free with its swap masks, NaN-aware) sort every input:
+    (NaN-free, NaN-free with its swap masks, NaN-aware) and the network
+    of merges that the forwards keeping 1-3 ranks use sort every input:
     by the 0-1 principle it is enough that they sort all 512 sequences of
     0s and 1s. The NaN-aware one also puts NaN on top."""
     for bits in itertools.product((0.0, 1.0), repeat=9):
         want = sorted(bits, reverse=True)
         assert list(engine._sort9_nan_free.py_func(*bits)) == want, bits
+        assert list(engine._merge9_nan_free.py_func(*bits)) == want, bits
         assert list(engine._sort9_swaps.py_func(*bits)[0]) == want, bits
         assert list(engine._sort9.py_func(*bits)) == want, bits
     rng = np.random.default_rng(4)
