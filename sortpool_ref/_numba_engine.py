@@ -548,6 +548,29 @@ def _ranks9(a0, a1, a2, a3, a4, a5, a6, a7, a8, one, zero, nan_aware):
 # sorts with the NaN-free compare-exchange and then writes NaN where any of
 # the window's values is NaN: bit-identical to sorting with NaN on top.
 
+# The register paths ask for the memory of the window _PREFETCH_AHEAD
+# windows ahead of the one they compute (_simd.prefetch): the lines of
+# each of its rows that its predecessor did not read. From memory, without
+# it, a window took 1.6-2 times as many cycles as from the L3 cache: the
+# hardware prefetchers did not keep up with three to seven streams of
+# rows (see docs/performance.md). 0 turns the prefetches off.
+_PREFETCH_AHEAD = 4
+
+
+@njit(inline="always")
+def _prefetch_rows(a, end, span, rows, step, write):
+    """Prefetch a.flat[end - span + q * step:end + q * step] for q <
+    rows, a line at a time (for writing where write is set)."""
+    if _PREFETCH_AHEAD:
+        line = 64 // a.itemsize
+        for q in range(rows):
+            for j in range(end - span + q * step, end + q * step, line):
+                if write:
+                    prefetch_write(a, j)
+                else:
+                    prefetch(a, j)
+
+
 @njit(inline="always")
 def _fwd_2x2_nhwc(r0, r1, yr, lo, hi, sw, pl, dw, tb, kk):
     """Windows [lo, hi) of one output row, all inside the input: r0 and r1
@@ -558,8 +581,12 @@ def _fwd_2x2_nhwc(r0, r1, yr, lo, hi, sw, pl, dw, tb, kk):
     decrement, and those per window were a measurable share of its time
     (see docs/performance.md)."""
     nan = yr.dtype.type(np.nan)
+    channels = yr.shape[1]
     for ow in range(lo, hi):
         c0 = ow * sw - pl
+        end = (c0 + dw + 1 + _PREFETCH_AHEAD * sw) * channels
+        _prefetch_rows(r0, end, sw * channels, 1, 0, False)
+        _prefetch_rows(r1, end, sw * channels, 1, 0, False)
         for c in range(yr.shape[1]):
             a0 = r0[c0, c]
             a1 = r0[c0 + dw, c]
@@ -574,10 +601,15 @@ def _fwd_2x2_nhwc(r0, r1, yr, lo, hi, sw, pl, dw, tb, kk):
 def _fwd_3x3_nhwc(r0, r1, r2, yr, lo, hi, sw, pl, dw, tb, kk):
     """_fwd_2x2_nhwc for 3x3 windows: r0, r1, r2 the input rows."""
     nan = yr.dtype.type(np.nan)
+    channels = yr.shape[1]
     for ow in range(lo, hi):
         c0 = ow * sw - pl
         c1 = c0 + dw
         c2 = c1 + dw
+        end = (c2 + 1 + _PREFETCH_AHEAD * sw) * channels
+        _prefetch_rows(r0, end, sw * channels, 1, 0, False)
+        _prefetch_rows(r1, end, sw * channels, 1, 0, False)
+        _prefetch_rows(r2, end, sw * channels, 1, 0, False)
         for c in range(yr.shape[1]):
             a0 = r0[c0, c]
             a1 = r0[c1, c]
@@ -627,6 +659,8 @@ def _fwd_2x2_simd(x, tb, y, xo, yo, ws, count, rs, cs, kk):
     for t in range(count):
         xt = xo + t * ws
         yt = yo + t * channels
+        _prefetch_rows(x, xt + _PREFETCH_AHEAD * ws + cs + channels, ws, 2,
+                       rs, False)
         for i in range(0, channels, VECTOR_BYTES // x.itemsize):
             o = xt + i
             a0 = load(x, o)
@@ -645,6 +679,8 @@ def _fwd_3x3_simd(x, tb, y, xo, yo, ws, count, rs, cs, kk):
     for t in range(count):
         xt = xo + t * ws
         yt = yo + t * channels
+        _prefetch_rows(x, xt + _PREFETCH_AHEAD * ws + 2 * cs + channels, ws,
+                       3, rs, False)
         for i in range(0, channels, VECTOR_BYTES // x.itemsize):
             o = xt + i
             a0 = load(x, o)
@@ -1047,6 +1083,11 @@ def _windows_2x2_simd(x, gy, tpad, gx, part, acc, xo, go, ws, count, rs, cs,
     for t in range(count):
         xt = xo + t * ws
         gt = go + t * channels
+        end = xt + _PREFETCH_AHEAD * ws + cs + channels
+        _prefetch_rows(x, end, ws, 2, rs, False)
+        _prefetch_rows(gx, end, ws, 2, rs, True)
+        _prefetch_rows(gy, gt + (_PREFETCH_AHEAD + 1) * channels, channels, 1,
+                       0, False)
         for i in range(0, channels, lanes):
             o = xt + i
             a0 = load(x, o)
@@ -1168,29 +1209,16 @@ def _ranked_block_simd(a, p, f):
     return w, v
 
 
-# Windows ahead of the one being computed whose memory the 3x3 vector
-# backward asks for (prefetch): _PREFETCH_AHEAD windows on.
-_PREFETCH_AHEAD = 4
-
-
 @njit(inline="always")
-def _prefetch_window(x, gy, gx, xt, gt, ws, rs, cs, channels, line):
-    """Prefetch the lines that the window _PREFETCH_AHEAD windows after
-    the one at x.flat[xt] reads and its predecessor did not (the last ws
-    elements of each of its three rows, in x and in grad_x, which it
-    adds into) and its g. Without it the 3x3 backward ran twice as many
-    cycles per window from memory as from the L3 cache: its seven streams
-    (three rows of x, three of grad_x, grad_y) outran the hardware
-    prefetchers."""
-    if _PREFETCH_AHEAD:
-        end = xt + _PREFETCH_AHEAD * ws + 2 * cs + channels
-        for q in range(3):
-            for j in range(end - ws + q * rs, end + q * rs, line):
-                prefetch(x, j)
-                prefetch_write(gx, j)
-        g = gt + _PREFETCH_AHEAD * channels
-        for j in range(g, g + channels, line):
-            prefetch(gy, j)
+def _prefetch_window(x, gy, gx, xt, gt, ws, rs, cs, channels):
+    """Prefetch for the 3x3 backward (see _PREFETCH_AHEAD) the window at
+    x.flat[xt]'s successor's: its rows of x and of grad_x (which it adds
+    into) and its g."""
+    end = xt + _PREFETCH_AHEAD * ws + 2 * cs + channels
+    _prefetch_rows(x, end, ws, 3, rs, False)
+    _prefetch_rows(gx, end, ws, 3, rs, True)
+    _prefetch_rows(gy, gt + (_PREFETCH_AHEAD + 1) * channels, channels, 1, 0,
+                   False)
 
 
 @njit(inline="always")
@@ -1222,11 +1250,10 @@ def _windows_3x3_simd(x, gy, tpad, gx, part, acc, xo, go, ws, count, rs, cs,
     channels = tpad.shape[1]
     lanes = VECTOR_BYTES // x.itemsize
     zero = zeros(tpad)
-    line = 64 // x.itemsize
     for t in range(count):
         xt = xo + t * ws
         gt = go + t * channels
-        _prefetch_window(x, gy, gx, xt, gt, ws, rs, cs, channels, line)
+        _prefetch_window(x, gy, gx, xt, gt, ws, rs, cs, channels)
         for i in range(0, channels, lanes):
             o = xt + i
             a = (load(x, o), load(x, o + cs), load(x, o + 2 * cs),
