@@ -553,15 +553,19 @@ def _ranks9(a0, a1, a2, a3, a4, a5, a6, a7, a8, one, zero, nan_aware):
 # each of its rows that its predecessor did not read. From memory, without
 # it, a window took 1.6-2 times as many cycles as from the L3 cache: the
 # hardware prefetchers did not keep up with three to seven streams of
-# rows (see docs/performance.md). 0 turns the prefetches off.
+# rows (see docs/performance.md). The kernels pass it to their row
+# functions as ``ahead``, 0 where the rows are scratch already in cache
+# (the NCHW paths by blocks of channels), where the prefetches only cost
+# instructions.
 _PREFETCH_AHEAD = 4
 
 
 @njit(inline="always")
-def _prefetch_rows(a, end, span, rows, step, write):
+def _prefetch_rows(a, end, span, rows, step, write, ahead):
     """Prefetch a.flat[end - span + q * step:end + q * step] for q <
-    rows, a line at a time (for writing where write is set)."""
-    if _PREFETCH_AHEAD:
+    rows, a line at a time (for writing where write is set); nothing
+    where ahead is 0."""
+    if ahead:
         line = 64 // a.itemsize
         for q in range(rows):
             for j in range(end - span + q * step, end + q * step, line):
@@ -572,7 +576,7 @@ def _prefetch_rows(a, end, span, rows, step, write):
 
 
 @njit(inline="always")
-def _fwd_2x2_nhwc(r0, r1, yr, lo, hi, sw, pl, dw, tb, kk):
+def _fwd_2x2_nhwc(r0, r1, yr, lo, hi, sw, pl, dw, tb, ahead, kk):
     """Windows [lo, hi) of one output row, all inside the input: r0 and r1
     its two input rows and yr the output row ((W, C) and (OW, C) views).
     The loop over windows is here rather than in the caller, and windows
@@ -584,9 +588,9 @@ def _fwd_2x2_nhwc(r0, r1, yr, lo, hi, sw, pl, dw, tb, kk):
     channels = yr.shape[1]
     for ow in range(lo, hi):
         c0 = ow * sw - pl
-        end = (c0 + dw + 1 + _PREFETCH_AHEAD * sw) * channels
-        _prefetch_rows(r0, end, sw * channels, 1, 0, False)
-        _prefetch_rows(r1, end, sw * channels, 1, 0, False)
+        end = (c0 + dw + 1 + ahead * sw) * channels
+        _prefetch_rows(r0, end, sw * channels, 1, 0, False, ahead)
+        _prefetch_rows(r1, end, sw * channels, 1, 0, False, ahead)
         for c in range(yr.shape[1]):
             a0 = r0[c0, c]
             a1 = r0[c0 + dw, c]
@@ -598,7 +602,7 @@ def _fwd_2x2_nhwc(r0, r1, yr, lo, hi, sw, pl, dw, tb, kk):
 
 
 @njit(inline="always")
-def _fwd_3x3_nhwc(r0, r1, r2, yr, lo, hi, sw, pl, dw, tb, kk):
+def _fwd_3x3_nhwc(r0, r1, r2, yr, lo, hi, sw, pl, dw, tb, ahead, kk):
     """_fwd_2x2_nhwc for 3x3 windows: r0, r1, r2 the input rows."""
     nan = yr.dtype.type(np.nan)
     channels = yr.shape[1]
@@ -606,10 +610,10 @@ def _fwd_3x3_nhwc(r0, r1, r2, yr, lo, hi, sw, pl, dw, tb, kk):
         c0 = ow * sw - pl
         c1 = c0 + dw
         c2 = c1 + dw
-        end = (c2 + 1 + _PREFETCH_AHEAD * sw) * channels
-        _prefetch_rows(r0, end, sw * channels, 1, 0, False)
-        _prefetch_rows(r1, end, sw * channels, 1, 0, False)
-        _prefetch_rows(r2, end, sw * channels, 1, 0, False)
+        end = (c2 + 1 + ahead * sw) * channels
+        _prefetch_rows(r0, end, sw * channels, 1, 0, False, ahead)
+        _prefetch_rows(r1, end, sw * channels, 1, 0, False, ahead)
+        _prefetch_rows(r2, end, sw * channels, 1, 0, False, ahead)
         for c in range(yr.shape[1]):
             a0 = r0[c0, c]
             a1 = r0[c1, c]
@@ -651,7 +655,7 @@ def _fwd_store_simd(tb, y, yo, i, channels, v, bad, kk):
 
 
 @njit(inline="always")
-def _fwd_2x2_simd(x, tb, y, xo, yo, ws, count, rs, cs, kk):
+def _fwd_2x2_simd(x, tb, y, xo, yo, ws, count, rs, cs, ahead, kk):
     """_fwd_2x2_nhwc for count windows, the first at x.flat[xo] (ws, rs,
     cs: flat steps to the next window, window row and column), outputs
     from y.flat[yo]."""
@@ -659,8 +663,8 @@ def _fwd_2x2_simd(x, tb, y, xo, yo, ws, count, rs, cs, kk):
     for t in range(count):
         xt = xo + t * ws
         yt = yo + t * channels
-        _prefetch_rows(x, xt + _PREFETCH_AHEAD * ws + cs + channels, ws, 2,
-                       rs, False)
+        _prefetch_rows(x, xt + ahead * ws + cs + channels, ws, 2, rs, False,
+                       ahead)
         for i in range(0, channels, VECTOR_BYTES // x.itemsize):
             o = xt + i
             a0 = load(x, o)
@@ -673,14 +677,14 @@ def _fwd_2x2_simd(x, tb, y, xo, yo, ws, count, rs, cs, kk):
 
 
 @njit(inline="always")
-def _fwd_3x3_simd(x, tb, y, xo, yo, ws, count, rs, cs, kk):
+def _fwd_3x3_simd(x, tb, y, xo, yo, ws, count, rs, cs, ahead, kk):
     """_fwd_3x3_nhwc in the manner of _fwd_2x2_simd."""
     channels = tb.shape[1]
     for t in range(count):
         xt = xo + t * ws
         yt = yo + t * channels
-        _prefetch_rows(x, xt + _PREFETCH_AHEAD * ws + 2 * cs + channels, ws,
-                       3, rs, False)
+        _prefetch_rows(x, xt + ahead * ws + 2 * cs + channels, ws, 3, rs,
+                       False, ahead)
         for i in range(0, channels, VECTOR_BYTES // x.itemsize):
             o = xt + i
             a0 = load(x, o)
@@ -1065,7 +1069,7 @@ def _at_rank(f, r0, r1, r2, a0, a1, a2, a3):
 
 @njit(inline="always")
 def _windows_2x2_simd(x, gy, tpad, gx, part, acc, xo, go, ws, count, rs, cs,
-                      overwrite, in_block, k):
+                      overwrite, in_block, k, ahead):
     """_bwd_2x2_nhwc in explicit vectors (_simd): count windows inside the
     input, all channels, flat indices and block sums as for
     _windows_3x3_simd. Ranks from
@@ -1083,11 +1087,11 @@ def _windows_2x2_simd(x, gy, tpad, gx, part, acc, xo, go, ws, count, rs, cs,
     for t in range(count):
         xt = xo + t * ws
         gt = go + t * channels
-        end = xt + _PREFETCH_AHEAD * ws + cs + channels
-        _prefetch_rows(x, end, ws, 2, rs, False)
-        _prefetch_rows(gx, end, ws, 2, rs, True)
-        _prefetch_rows(gy, gt + (_PREFETCH_AHEAD + 1) * channels, channels, 1,
-                       0, False)
+        end = xt + ahead * ws + cs + channels
+        _prefetch_rows(x, end, ws, 2, rs, False, ahead)
+        _prefetch_rows(gx, end, ws, 2, rs, True, ahead)
+        _prefetch_rows(gy, gt + (ahead + 1) * channels, channels, 1, 0,
+                       False, ahead)
         for i in range(0, channels, lanes):
             o = xt + i
             a0 = load(x, o)
@@ -1131,8 +1135,10 @@ def _windows_2x2_simd(x, gy, tpad, gx, part, acc, xo, go, ws, count, rs, cs,
             v3 = _at_rank(three, r0, r1, r2, a0, a1, a2, a3)
             store(part, i, load(part, i) + g * v0)
             store(part, channels + i, load(part, channels + i) + g * v1)
-            store(part, 2 * channels + i, load(part, 2 * channels + i) + g * v2)
-            store(part, 3 * channels + i, load(part, 3 * channels + i) + g * v3)
+            j = 2 * channels + i
+            store(part, j, load(part, j) + g * v2)
+            j = 3 * channels + i
+            store(part, j, load(part, j) + g * v3)
         in_block += 1
         if in_block == _BLOCK:
             _flush_partials(part, acc, k)
@@ -1210,20 +1216,20 @@ def _ranked_block_simd(a, p, f):
 
 
 @njit(inline="always")
-def _prefetch_window(x, gy, gx, xt, gt, ws, rs, cs, channels):
-    """Prefetch for the 3x3 backward (see _PREFETCH_AHEAD) the window at
-    x.flat[xt]'s successor's: its rows of x and of grad_x (which it adds
-    into) and its g."""
-    end = xt + _PREFETCH_AHEAD * ws + 2 * cs + channels
-    _prefetch_rows(x, end, ws, 3, rs, False)
-    _prefetch_rows(gx, end, ws, 3, rs, True)
-    _prefetch_rows(gy, gt + (_PREFETCH_AHEAD + 1) * channels, channels, 1, 0,
-                   False)
+def _prefetch_window(x, gy, gx, xt, gt, ws, rs, cs, channels, ahead):
+    """Prefetch for the 3x3 backward (see _PREFETCH_AHEAD) the window
+    ahead windows after the one at x.flat[xt]: its rows of x and of
+    grad_x (which it adds into) and its g."""
+    end = xt + ahead * ws + 2 * cs + channels
+    _prefetch_rows(x, end, ws, 3, rs, False, ahead)
+    _prefetch_rows(gx, end, ws, 3, rs, True, ahead)
+    _prefetch_rows(gy, gt + (ahead + 1) * channels, channels, 1, 0, False,
+                   ahead)
 
 
 @njit(inline="always")
 def _windows_3x3_simd(x, gy, tpad, gx, part, acc, xo, go, ws, count, rs, cs,
-                      stores, in_block, k, kk):
+                      stores, in_block, k, ahead, kk):
     """count 3x3 windows of one output row, all inside the input, all
     channels, for a literal kk: x.flat[xo] is the first one's first
     position's first channel, ws, rs and cs the flat steps to the next
@@ -1253,13 +1259,13 @@ def _windows_3x3_simd(x, gy, tpad, gx, part, acc, xo, go, ws, count, rs, cs,
     for t in range(count):
         xt = xo + t * ws
         gt = go + t * channels
-        _prefetch_window(x, gy, gx, xt, gt, ws, rs, cs, channels)
+        _prefetch_window(x, gy, gx, xt, gt, ws, rs, cs, channels, ahead)
         for i in range(0, channels, lanes):
             o = xt + i
             a = (load(x, o), load(x, o + cs), load(x, o + 2 * cs),
-                 load(x, o + rs), load(x, o + rs + cs), load(x, o + rs + 2 * cs),
-                 load(x, o + 2 * rs), load(x, o + 2 * rs + cs),
-                 load(x, o + 2 * rs + 2 * cs))
+                 load(x, o + rs), load(x, o + rs + cs),
+                 load(x, o + rs + 2 * cs), load(x, o + 2 * rs),
+                 load(x, o + 2 * rs + cs), load(x, o + 2 * rs + 2 * cs))
             v, swaps = _sort9_swaps(a[0], a[1], a[2], a[3], a[4], a[5], a[6],
                                     a[7], a[8])
             m = _any_nan9(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8])
@@ -1268,13 +1274,16 @@ def _windows_3x3_simd(x, gy, tpad, gx, part, acc, xo, go, ws, count, rs, cs,
             g = load(gy, gt + i)
             if any_lane(m):
                 p = (load(tpad, i), load(tpad, channels + i),
-                     load(tpad, 2 * channels + i), load(tpad, 3 * channels + i),
-                     load(tpad, 4 * channels + i), load(tpad, 5 * channels + i),
-                     load(tpad, 6 * channels + i), load(tpad, 7 * channels + i),
+                     load(tpad, 2 * channels + i),
+                     load(tpad, 3 * channels + i),
+                     load(tpad, 4 * channels + i),
+                     load(tpad, 5 * channels + i),
+                     load(tpad, 6 * channels + i),
+                     load(tpad, 7 * channels + i),
                      load(tpad, 8 * channels + i))
                 f = (zero, full(tpad, 1), full(tpad, 2), full(tpad, 3),
-                     full(tpad, 4), full(tpad, 5), full(tpad, 6), full(tpad, 7),
-                     full(tpad, 8))
+                     full(tpad, 4), full(tpad, 5), full(tpad, 6),
+                     full(tpad, 7), full(tpad, 8))
                 w, v = _ranked_block_simd(a, p, f)
                 gw = (g * w[0], g * w[1], g * w[2], g * w[3], g * w[4],
                       g * w[5], g * w[6], g * w[7], g * w[8])
@@ -1322,7 +1331,7 @@ def _bwd_row_3x3_simd(args, kk):
     _simd_row); args: see _simd_row."""
     literally(kk)
     (x, gy, tpad, gx, part, acc, n, oh, ow_lo, ow_hi, geo, stores,
-     in_block, k) = args
+     in_block, k, ahead) = args
     (kh, kw, sh, sw, dh, dw, pt, pb, pl, pr, has_pad, pad_value) = geo
     height = x.shape[1]
     width = x.shape[2]
@@ -1335,7 +1344,7 @@ def _bwd_row_3x3_simd(args, kk):
     go = ((n * gy.shape[1] + oh) * gy.shape[2] + ow_lo) * channels
     return _windows_3x3_simd(x, gy, tpad, gx, part, acc, xo, go,
                              sw * channels, max(ow_hi - ow_lo, 0), rs, cs,
-                             stores, in_block, k, kk)
+                             stores, in_block, k, ahead, kk)
 
 
 # --------------------------------------------------------------------------
@@ -1512,7 +1521,7 @@ def _literal(t):
 
 
 @njit(cache=True)
-def _fwd_row_nhwc(x, n, oh, tblT, k, kind, geo, bnd, y, scratch, kk,
+def _fwd_row_nhwc(x, n, oh, tblT, k, kind, geo, bnd, y, scratch, ahead, kk,
                   vectors):
     """One output row. kind 2: 2x2 and kind 3: 3x3 register paths for the
     windows inside the input, in explicit vectors where vectors is true
@@ -1540,16 +1549,16 @@ def _fwd_row_nhwc(x, n, oh, tblT, k, kind, geo, bnd, y, scratch, kk,
                 yo = ((n * y.shape[1] + oh) * y.shape[2] + lo) * channels
                 if kind == 2:
                     _fwd_2x2_simd(x, tb, y, xo, yo, sw * channels, hi - lo,
-                                  rs, cs, kk)
+                                  rs, cs, ahead, kk)
                 else:
                     _fwd_3x3_simd(x, tb, y, xo, yo, sw * channels, hi - lo,
-                                  rs, cs, kk)
+                                  rs, cs, ahead, kk)
             elif kind == 2:
                 _fwd_2x2_nhwc(x[n, h0], x[n, h0 + dh], y[n, oh], lo, hi, sw,
-                              pl, dw, tb, kk)
+                              pl, dw, tb, ahead, kk)
             else:
                 _fwd_3x3_nhwc(x[n, h0], x[n, h0 + dh], x[n, h0 + 2 * dh],
-                              y[n, oh], lo, hi, sw, pl, dw, tb, kk)
+                              y[n, oh], lo, hi, sw, pl, dw, tb, ahead, kk)
         elif ow < lo or ow >= hi:
             _fwd_tile_nhwc(x, n, oh, ow, tblT, k, kh, kw, sh, sw, dh, dw,
                            pt, pb, pl, pr, has_pad, pad_value, pos_h, pos_w,
@@ -1597,7 +1606,7 @@ def _nhwc_forward(kind, kk):
                 n = t // out_h
                 oh = t - n * out_h
                 _fwd_row_nhwc(x, n, oh, tblT, k, kind, geo, bnd, y, scratch,
-                              kk, vectors)
+                              _PREFETCH_AHEAD, kk, vectors)
 
     return kernel
 
@@ -1652,12 +1661,12 @@ def _rows_to_zero(row, row_lo, row_hi, n_rows, out_h, height, sh, pt, ext,
 
 
 def _simd_row(x, gy, tpad, gx, part, acc, n, oh, ow_lo, ow_hi, geo, stores,
-              in_block, k, kind):
+              in_block, k, ahead, kind):
     """_bwd_row_3x3_simd with pool_range k as a literal (1-4, or 9)."""
     # in_block + 0: typing reaches this call with in_block both as the
     # literal 0 and as int64, and would compile every row function twice.
     a = (x, gy, tpad, gx, part, acc, n, oh, ow_lo, ow_hi, geo, stores,
-         in_block + 0, k)
+         in_block + 0, k, ahead)
     if k == 1:
         return _bwd_row_3x3_simd(a, 1)
     if k == 2:
@@ -1683,7 +1692,7 @@ def _skip_3x3_window(xs, g, tpad, gxs, part, scr, stores, k, kind):
 
 
 def _skip_3x3_row(x, gy, tpad, gx, part, acc, n, oh, ow_lo, ow_hi, geo,
-                  stores, in_block, k, kind):
+                  stores, in_block, k, ahead, kind):
     return in_block
 
 
@@ -1692,7 +1701,7 @@ def _window_3x3_loop(xs, g, tpad, gxs, part, scr, stores, k, kind):
 
 
 def _row_3x3_simd(x, gy, tpad, gx, part, acc, n, oh, ow_lo, ow_hi, geo,
-                  stores, in_block, k, kind):
+                  stores, in_block, k, ahead, kind):
     """_simd_row where the literal kind is 3; else returns in_block."""
 
 
@@ -1703,14 +1712,15 @@ def _window_3x3_loop_typing(xs, g, tpad, gxs, part, scr, stores, k, kind):
 
 @overload(_row_3x3_simd, prefer_literal=True, inline="always")
 def _row_3x3_simd_typing(x, gy, tpad, gx, part, acc, n, oh, ow_lo, ow_hi,
-                         geo, stores, in_block, k, kind):
+                         geo, stores, in_block, k, ahead, kind):
     return _skip_3x3_row if _literal(kind) in (0, 2) else _simd_row
 
 
 @njit(cache=True)
 def _bwd_rows_nhwc(x, gy, tblT, tpad, k, kind, plain, geo, bnd, row_lo,
-                   row_hi, zero, odd, gx, acc):
-    """Output rows [row_lo, row_hi) (global index n * out_h + oh); plain:
+                   row_hi, zero, odd, gx, acc, ahead):
+    """Output rows [row_lo, row_hi) (global index n * out_h + oh); ahead:
+    the register paths' prefetch distance (see _PREFETCH_AHEAD); plain:
     windows do not overlap, so grad_x is stored, not accumulated; zero:
     grad_x holds anything and each row of it is zeroed here, just before
     its first use (see _rows_to_zero), which saves a pass over memory;
@@ -1787,7 +1797,7 @@ def _bwd_rows_nhwc(x, gy, tblT, tpad, k, kind, plain, geo, bnd, row_lo,
                 if ow == ow_lo:
                     in_block = _row_3x3_simd(x, gy, tpad, gx, part, ak, n,
                                              oh, ow_lo, ow_hi, geo, stores,
-                                             in_block, k, kind)
+                                             in_block, k, ahead, kind)
             elif inside and simd:
                 if ow == ow_lo:
                     in_block = _windows_2x2_simd(
@@ -1795,7 +1805,7 @@ def _bwd_rows_nhwc(x, gy, tblT, tpad, k, kind, plain, geo, bnd, row_lo,
                         ((n * x.shape[1] + h0) * x.shape[2] + ow * sw - pl)
                         * channels, ((n * out_h + oh) * out_w + ow) * channels,
                         sw * channels, ow_hi - ow_lo, rs, cs, plain,
-                        in_block, k)
+                        in_block, k, ahead)
             elif inside:
                 c0 = ow * sw - pl
                 h1 = h0 + dh
@@ -1908,6 +1918,8 @@ def _nhwc_backward(kind):
         # One parallel loop and one call of the row function for both
         # layouts: a second loop compiled the rows a second time (20 s).
         blocks = workers > 0
+        # No prefetching on the scratch of the blocks: it is in cache.
+        ahead = 0 if blocks else _PREFETCH_AHEAD
         n_rows = x.shape[0] * gy.shape[1]
         n_chunks = acc.shape[0]
         batch, _, height, width = x.shape
@@ -1983,7 +1995,7 @@ def _nhwc_backward(kind):
                             odd = phase == 1
                         _bwd_rows_nhwc(xs, gys, tbls[b], tpads[b], k, kind,
                                        plain, geo, bnd, row_lo, row_hi, zero,
-                                       odd, gxs, accs)
+                                       odd, gxs, accs, ahead)
                         if blocks:
                             fin = height
                             if row_hi < out_h:
@@ -2037,8 +2049,9 @@ def _nchw_forward_blocks(kind, kk):
                     if need > ready:
                         _block_in(x, n, c0, bx, ready, need)
                         ready = need
+                    # No prefetching: the scratch rows are in cache.
                     _fwd_row_nhwc(bx, 0, oh, tbls[b], k, kind, geo, bnd, by,
-                                  scratch, kk, vectors)
+                                  scratch, 0, kk, vectors)
                 _block_out(by, y, n, c0, 0, out_h)
     return kernel
 
