@@ -17,8 +17,10 @@ GEOMETRIES = [
     # tiling), that add into it (3x3 overlapping, 3x3 s1), a border path;
     # 3x3 s2 stores where it writes first and zeroes the other columns
     # (without padding on the even width 10, the last column is in no
-    # window)
+    # window); 2x2 stride 3 leaves every third row and column between
+    # windows, which the backward must find and zero
     dict(kernel_size=2, stride=2, padding=0),
+    dict(kernel_size=2, stride=3, padding=0),
     dict(kernel_size=3, stride=2, padding=1),
     dict(kernel_size=3, stride=2, padding=0),
     dict(kernel_size=3, stride=1, padding=1),
