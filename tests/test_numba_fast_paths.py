@@ -543,7 +543,8 @@ def test_nchw_backward_by_channel_blocks(name, dtype, monkeypatch):
             got, gw = engine.backward(gy, x, w, p, out=(gx, None))
             assert got is gx
             fresh, gw_fresh = engine.backward(gy, x, w, p)
-            # One block of all channels, one band (the NCHW 2x2 kernel for
+            # One block of all channels (more than _PLANE_STREAMS: the
+            # moves prefetch rows ahead), one band (the NCHW 2x2 kernel for
             # "2x2"): the same numbers (each channel's sums run in the same
             # order).
             m.setattr(engine, "_SCRATCH_BYTES", 1 << 30)
@@ -560,8 +561,8 @@ def test_nchw_3x3_forward_by_channel_blocks(dtype, monkeypatch):
     (float64), with channels that fill whole vectors, run by blocks of
     channels (one vector each here: three blocks) without a channels-last
     copy: every 3x3 geometry and kind of values against the reference,
-    and bit for bit the NHWC forward of the same data (the same row
-    function)."""
+    bit for bit the NHWC forward of the same data (the same row
+    function) and the forward by one block of all channels."""
     def no_copy(*args):
         raise AssertionError("copied to channels-last")
 
@@ -584,6 +585,12 @@ def test_nchw_3x3_forward_by_channel_blocks(dtype, monkeypatch):
             m.setattr(engine, "_nhwc_to_nchw", no_copy)
             m.setattr(engine, "_forward_nchw_3x3", no_copy)
             y = engine.forward(x, w, p)
+            # One block of all channels (more than _PLANE_STREAMS: the
+            # moves prefetch rows ahead): the same numbers.
+            m.setattr(engine, "_SCRATCH_BYTES", 1 << 30)
+            assert engine._channel_block(p) == channels
+            assert channels > engine._PLANE_STREAMS
+            assert _bits(engine.forward(x, w, p)) == _bits(y)
         assert_close(y, reference.forward(x, w, p), dtype,
                      tolerance_scale("y", x, w), f"{name} {values} k={k}")
         x_nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
