@@ -30,9 +30,10 @@ Kernels and where they run (docs/performance.md has the measurements):
   each input row into a padded scratch row (pad_value in the padding, -inf
   for absent positions) so that every window of a row is one vectorised
   loop, and redoes one by one, from the padded rows and with the same
-  network, the windows that keep fewer ranks than pool_range. For
-  pool_range 7-9 with channels that fill whole vectors, the 3x3 forward
-  runs by blocks of channels instead, as the backward below.
+  network, the windows that keep fewer ranks than pool_range. With
+  channels that fill whole vectors, the 3x3 forward runs by blocks of
+  channels instead, as the backward below, for float32 pool_range 6-9
+  and float64 every pool_range (_NCHW_BLOCKS_FROM).
 * channel tile path, NHWC: every other window, any geometry, padding and
   ``pad_value``. Which positions of a window are real, padded or absent is
   the same for every channel, so the window's top-k is built by insertion
@@ -2060,10 +2061,11 @@ def _nchw_forward_blocks(kind, kk):
     input rows each output row needs into channels-last scratch (_block_in)
     just before it, runs the NHWC forward's row function on the scratch and
     moves the block's output back. Tasks split evenly over ``workers``.
-    Used for 3x3 windows from _NCHW_BLOCKS_FROM ranks on: float32 7 or
+    Used for 3x3 windows from _NCHW_BLOCKS_FROM ranks on: float32 6 or
     more, where it was faster than the NCHW 3x3 kernel (k = 7 / 8 / 9:
     13.7 / 13.7 / 14.7 against 16.8 / 17.7 / 20.2 ms for (32, 64, 112,
-    112) float32; k = 5 and 6 5% slower), float64 every pool_range."""
+    112) float32 on the Xeon; k = 6 9% faster on the EPYC since its moves
+    prefetch, k = 5 the same), float64 every pool_range."""
     @njit(parallel=True, cache=True)
     def kernel(x, tbls, k, kh, kw, sh, sw, dh, dw, pt, pb, pl, pr, has_pad,
                pad_value, oh_lo, oh_hi, ow_lo, ow_hi, workers, vectors, y):
@@ -2804,37 +2806,30 @@ def _tables_for(w_bytes, w_dtype, w_shape, weighting, dtype, channels):
 WRITES_INTO_OUT = True
 
 
-def _cpu_name() -> str:
-    """The CPU that Numba compiles for, as LLVM names it."""
-    from numba.core import config
-    if config.CPU_NAME:
-        return config.CPU_NAME
-    import llvmlite.binding as llvm
-    return llvm.get_host_cpu_name()
-
-
-_AMD_ZEN = _cpu_name().startswith("znver")
 # None: the choice of _forward_vectors; True or False forces one form (the
 # tests run both; benchmarks can compare them in one process).
 _FORWARD_VECTORS: Optional[bool] = None
 
 
-def _forward_vectors(kind: int, k: int) -> bool:
-    """Whether the NHWC forward's register paths run in explicit vectors
-    (where the channels fill whole ones) or in loops over channels: the
-    same bits, only their speed differs, and it differs by machine. On the
-    Intel Xeon machines of the earlier benchmarks the vectors were faster
-    (3x3, k = 1 / 2 / 4 / 9: 1.15 / 1.19 / 1.32 / 1.52 times the floor
-    against 1.20 / 1.39 / 1.61 / 2.01). On an AMD EPYC (LLVM's znver5),
-    side by side in one process, the loops were faster for every forward
-    but the 2x2 one keeping one rank (3x3 float32, k = 1-4: 1.24-1.57
-    against 1.67-2.55; 2x2 k = 2-4 1.00-1.12 against 1.25-1.62); see
-    docs/performance.md. The backward keeps its vectors on both (its loop
-    forms took 1.6-1.8 times as long on the EPYC). A run-time argument of
-    the kernels: either form runs without a new compile."""
+def _forward_vectors() -> bool:
+    """Whether the NHWC forward's register paths (and the NCHW forward by
+    blocks, which runs them) use explicit vectors where the channels fill
+    whole ones, or loops over channels: the same bits, only their speed
+    differs. Explicit vectors: on the Intel Xeon machines of the earlier
+    benchmarks they were faster (3x3, k = 1 / 2 / 4 / 9: 1.15 / 1.19 /
+    1.32 / 1.52 times the floor against 1.20 / 1.39 / 1.61 / 2.01), and
+    on an AMD EPYC (LLVM's znver5), where the loops had been faster until
+    the register paths prefetched, side by side in one process after
+    that: 3x3 float32 k = 1 / 2 / 3 / 4 / 9 0.88-0.91 / 0.93-0.95 / 0.94-
+    0.95 / 1.03 / 1.07-1.10 against 0.96-0.97 / 1.00 / 1.05-1.08 / 1.08-
+    1.09 / 1.20-1.22, float64 1-3% faster, 2x2 the same, NCHW by blocks
+    float32 k = 6 / 9 1.30 / 1.32 against 1.33 / 1.38, float64 k = 1 / 4
+    / 9 1.11 / 1.19 / 1.32 against 1.23 / 1.30 / 1.41 (docs/
+    performance.md, thirteenth round). A run-time argument of the
+    kernels: either form runs without a new compile."""
     if _FORWARD_VECTORS is not None:
         return _FORWARD_VECTORS
-    return not _AMD_ZEN or (kind == 2 and k == 1)
+    return True
 
 
 # The NCHW 3x3 forward runs by blocks of channels (_nchw_forward_blocks)
@@ -2843,8 +2838,11 @@ def _forward_vectors(kind: int, k: int) -> bool:
 # (32, 64, 112, 112), ratio to the floor: float64 k = 1 / 4 / 6 1.20 /
 # 1.20 / 1.33 by blocks against 1.25 / 1.39 / 1.53 per plane; float32
 # 1.30 / 1.42 / 1.52 against 1.19 / 1.31 / 1.48 (and k = 7-9 faster by
-# blocks, on the Xeon).
-_NCHW_BLOCKS_FROM = {4: 7, 8: 1}
+# blocks, on the Xeon). With the blocks' moves prefetching (float32 only),
+# float32 k = 1 / 2 / 4 / 5 / 6 / 7 by blocks 1.38 / 1.34 / 1.40 / 1.41-1.44
+# / 1.44-1.45 / 1.42 against 1.19 / 1.27 / 1.34 / 1.40-1.43 / 1.54-1.59 /
+# 1.43 per plane (ratios to the NHWC floor): float32 by blocks from 6.
+_NCHW_BLOCKS_FROM = {4: 6, 8: 1}
 
 
 def forward(x: np.ndarray, w: np.ndarray, p: Problem,
@@ -2863,7 +2861,7 @@ def forward(x: np.ndarray, w: np.ndarray, p: Problem,
             y = np.empty((p.batch, g.out_h, g.out_w, p.channels), p.dtype)
         if y.size:
             kernel = _nhwc_forward(kind, p.pool_range if kind else 0)
-            vectors = _forward_vectors(kind, p.pool_range)
+            vectors = _forward_vectors()
             kernel(xm, tblT, p.pool_range, *_geometry_args(p), oh_lo, oh_hi,
                    ow_lo, ow_hi, get_num_threads(), vectors, y)
     else:
@@ -2876,7 +2874,7 @@ def forward(x: np.ndarray, w: np.ndarray, p: Problem,
             kernel(xm, _blocked(tblT, block), p.pool_range,
                    *_geometry_args(p), oh_lo, oh_hi, ow_lo, ow_hi,
                    get_num_threads(),
-                   _forward_vectors(kind, p.pool_range), y)
+                   _forward_vectors(), y)
         elif y.size:
             kernel = _forward_nchw_2x2 if kind == 2 else _forward_nchw_3x3
             kernel(xm, table, p.per_channel, p.pool_range,
