@@ -1069,6 +1069,19 @@ def _at_rank(f, r0, r1, r2, a0, a1, a2, a3):
 
 
 @njit(inline="always")
+def _prefetch_window(x, gy, gx, xt, gt, ws, rs, cs, channels, rows, ahead):
+    """Prefetch for the vector backwards (see _PREFETCH_AHEAD) the window
+    ahead windows after the one at x.flat[xt], of rows rows (and as many
+    columns): its rows of x and of grad_x (which it adds into) and its
+    g."""
+    end = xt + ahead * ws + (rows - 1) * cs + channels
+    _prefetch_rows(x, end, ws, rows, rs, False, ahead)
+    _prefetch_rows(gx, end, ws, rows, rs, True, ahead)
+    _prefetch_rows(gy, gt + (ahead + 1) * channels, channels, 1, 0, False,
+                   ahead)
+
+
+@njit(inline="always")
 def _windows_2x2_simd(x, gy, tpad, gx, part, acc, xo, go, ws, count, rs, cs,
                       overwrite, in_block, k, ahead):
     """_bwd_2x2_nhwc in explicit vectors (_simd): count windows inside the
@@ -1088,11 +1101,7 @@ def _windows_2x2_simd(x, gy, tpad, gx, part, acc, xo, go, ws, count, rs, cs,
     for t in range(count):
         xt = xo + t * ws
         gt = go + t * channels
-        end = xt + ahead * ws + cs + channels
-        _prefetch_rows(x, end, ws, 2, rs, False, ahead)
-        _prefetch_rows(gx, end, ws, 2, rs, True, ahead)
-        _prefetch_rows(gy, gt + (ahead + 1) * channels, channels, 1, 0,
-                       False, ahead)
+        _prefetch_window(x, gy, gx, xt, gt, ws, rs, cs, channels, 2, ahead)
         for i in range(0, channels, lanes):
             o = xt + i
             a0 = load(x, o)
@@ -1217,18 +1226,6 @@ def _ranked_block_simd(a, p, f):
 
 
 @njit(inline="always")
-def _prefetch_window(x, gy, gx, xt, gt, ws, rs, cs, channels, ahead):
-    """Prefetch for the 3x3 backward (see _PREFETCH_AHEAD) the window
-    ahead windows after the one at x.flat[xt]: its rows of x and of
-    grad_x (which it adds into) and its g."""
-    end = xt + ahead * ws + 2 * cs + channels
-    _prefetch_rows(x, end, ws, 3, rs, False, ahead)
-    _prefetch_rows(gx, end, ws, 3, rs, True, ahead)
-    _prefetch_rows(gy, gt + (ahead + 1) * channels, channels, 1, 0, False,
-                   ahead)
-
-
-@njit(inline="always")
 def _windows_3x3_simd(x, gy, tpad, gx, part, acc, xo, go, ws, count, rs, cs,
                       stores, in_block, k, ahead, kk):
     """count 3x3 windows of one output row, all inside the input, all
@@ -1260,7 +1257,7 @@ def _windows_3x3_simd(x, gy, tpad, gx, part, acc, xo, go, ws, count, rs, cs,
     for t in range(count):
         xt = xo + t * ws
         gt = go + t * channels
-        _prefetch_window(x, gy, gx, xt, gt, ws, rs, cs, channels, ahead)
+        _prefetch_window(x, gy, gx, xt, gt, ws, rs, cs, channels, 3, ahead)
         for i in range(0, channels, lanes):
             o = xt + i
             a = (load(x, o), load(x, o + cs), load(x, o + 2 * cs),
