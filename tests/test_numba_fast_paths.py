@@ -549,6 +549,7 @@ def test_nchw_backward_by_channel_blocks(name, dtype, monkeypatch):
             # order).
             m.setattr(engine, "_SCRATCH_BYTES", 1 << 30)
             m.setattr(engine, "_BAND_ROWS", 1 << 30)
+            assert channels > engine._PLANE_STREAMS
             whole, gw_whole = engine.backward(gy, x, w, p)
         for a, b in ((gx, fresh), (gw, gw_fresh), (whole, fresh),
                      (gw_whole, gw_fresh)):
