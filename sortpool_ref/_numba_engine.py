@@ -103,7 +103,7 @@ from numba.core import types
 from numba.extending import overload
 
 from ._checks import Problem, softmax_table, weight_grad_from_partials
-from ._simd import (VECTOR_BYTES, any_lane, full, load, prefetch,
+from ._simd import (VECTOR_BYTES, any_lane, full, lanes, load, prefetch,
                     prefetch_write, select, store, transpose, zeros)
 
 
@@ -561,13 +561,13 @@ def _ranks9(a0, a1, a2, a3, a4, a5, a6, a7, a8, one, zero, nan_aware):
 _PREFETCH_AHEAD = 4
 
 
-@njit(inline="always")
+@njit
 def _prefetch_rows(a, end, span, rows, step, write, ahead):
     """Prefetch a.flat[end - span + q * step:end + q * step] for q <
     rows, a line at a time (for writing where write is set); nothing
     where ahead is 0."""
     if ahead:
-        line = 64 // a.itemsize
+        line = lanes(a)  # a vector is a cache line, 64 bytes
         for q in range(rows):
             for j in range(end - span + q * step, end + q * step, line):
                 if write:
@@ -666,7 +666,7 @@ def _fwd_2x2_simd(x, tb, y, xo, yo, ws, count, rs, cs, ahead, kk):
         yt = yo + t * channels
         _prefetch_rows(x, xt + ahead * ws + cs + channels, ws, 2, rs, False,
                        ahead)
-        for i in range(0, channels, VECTOR_BYTES // x.itemsize):
+        for i in range(0, channels, lanes(x)):
             o = xt + i
             a0 = load(x, o)
             a1 = load(x, o + cs)
@@ -686,7 +686,7 @@ def _fwd_3x3_simd(x, tb, y, xo, yo, ws, count, rs, cs, ahead, kk):
         yt = yo + t * channels
         _prefetch_rows(x, xt + ahead * ws + 2 * cs + channels, ws, 3, rs,
                        False, ahead)
-        for i in range(0, channels, VECTOR_BYTES // x.itemsize):
+        for i in range(0, channels, lanes(x)):
             o = xt + i
             a0 = load(x, o)
             a1 = load(x, o + cs)
@@ -1068,12 +1068,15 @@ def _at_rank(f, r0, r1, r2, a0, a1, a2, a3):
     return select(r0 == f, a0, select(r1 == f, a1, select(r2 == f, a2, a3)))
 
 
-@njit(inline="always")
+@njit
 def _prefetch_window(x, gy, gx, xt, gt, ws, rs, cs, channels, rows, ahead):
     """Prefetch for the vector backwards (see _PREFETCH_AHEAD) the window
     ahead windows after the one at x.flat[xt], of rows rows (and as many
     columns): its rows of x and of grad_x (which it adds into) and its
-    g."""
+    g. A plain @njit function, which LLVM inlines: inlined by Numba
+    (inline="always"), it cost an atomic reference-count increment and
+    decrement of an array per window (3x3 float32 backward k = 9 4%
+    slower)."""
     end = xt + ahead * ws + (rows - 1) * cs + channels
     _prefetch_rows(x, end, ws, rows, rs, False, ahead)
     _prefetch_rows(gx, end, ws, rows, rs, True, ahead)
@@ -1093,7 +1096,7 @@ def _windows_2x2_simd(x, gy, tpad, gx, part, acc, xo, go, ws, count, rs, cs,
     in _bwd_2x2_nhwc) by picking the position of each rank: the same
     numbers as the loop form, bit for bit."""
     channels = tpad.shape[1]
-    lanes = VECTOR_BYTES // x.itemsize
+    nl = lanes(x)
     zero = zeros(tpad)
     one = full(tpad, 1.0)
     two = full(tpad, 2.0)
@@ -1102,7 +1105,7 @@ def _windows_2x2_simd(x, gy, tpad, gx, part, acc, xo, go, ws, count, rs, cs,
         xt = xo + t * ws
         gt = go + t * channels
         _prefetch_window(x, gy, gx, xt, gt, ws, rs, cs, channels, 2, ahead)
-        for i in range(0, channels, lanes):
+        for i in range(0, channels, nl):
             o = xt + i
             a0 = load(x, o)
             a1 = load(x, o + cs)
@@ -1252,13 +1255,13 @@ def _windows_3x3_simd(x, gy, tpad, gx, part, acc, xo, go, ws, count, rs, cs,
     computed before the first store: a store to grad_x could alias tpad
     for all LLVM knows, which would repeat its loads for each position."""
     channels = tpad.shape[1]
-    lanes = VECTOR_BYTES // x.itemsize
+    nl = lanes(x)
     zero = zeros(tpad)
     for t in range(count):
         xt = xo + t * ws
         gt = go + t * channels
         _prefetch_window(x, gy, gx, xt, gt, ws, rs, cs, channels, 3, ahead)
-        for i in range(0, channels, lanes):
+        for i in range(0, channels, nl):
             o = xt + i
             a = (load(x, o), load(x, o + cs), load(x, o + 2 * cs),
                  load(x, o + rs), load(x, o + rs + cs),
@@ -1545,7 +1548,7 @@ def _fwd_row_nhwc(x, n, oh, tblT, k, kind, geo, bnd, y, scratch, ahead, kk,
     interior_row = kind > 0 and oh >= oh_lo and oh < oh_hi
     h0 = oh * sh - pt
     tb = tblT[k]
-    simd = vectors and channels % (VECTOR_BYTES // x.itemsize) == 0
+    simd = vectors and channels % lanes(x) == 0
     lo, hi = (ow_lo, max(ow_lo, ow_hi)) if interior_row else (0, 0)
     for ow in range(y.shape[2]):
         if ow == lo and hi > lo:
@@ -1776,7 +1779,7 @@ def _bwd_rows_nhwc(x, gy, tblT, tpad, k, kind, plain, geo, bnd, row_lo,
     stores = 511 if plain else 0
     # Register-path windows in explicit vectors where the channels fill
     # whole ones.
-    simd = kind > 0 and channels % (VECTOR_BYTES // x.itemsize) == 0
+    simd = kind > 0 and channels % lanes(x) == 0
     rs = dh * x.shape[2] * channels
     cs = dw * channels
     for row in range(row_lo, row_hi):
@@ -1868,7 +1871,7 @@ def _prefetch_planes(a, n, c0, block, h, write):
     blocks of _PLANE_STREAMS channels or fewer."""
     channels, height, width = a.shape[1], a.shape[2], a.shape[3]
     if h < height and block > _PLANE_STREAMS:
-        line = 64 // a.itemsize
+        line = lanes(a)  # a vector is a cache line, 64 bytes
         for c in range(block):
             start = ((n * channels + c0 + c) * height + h) * width
             for j in range(start, start + width + line - 1, line):
@@ -1886,15 +1889,15 @@ def _block_in(a, n, c0, s, h_lo, h_hi):
     lanes, the columns past the last whole tile one by one."""
     channels, height, width = a.shape[1], a.shape[2], a.shape[3]
     block = s.shape[3]
-    lanes = VECTOR_BYTES // a.itemsize
-    tiled = width - width % lanes
+    nl = lanes(a)
+    tiled = width - width % nl
     plane = height * width
     for h in range(h_lo, h_hi):
         _prefetch_planes(a, n, c0, block, h + _PLANE_AHEAD, False)
-        for cb in range(0, block, lanes):
+        for cb in range(0, block, nl):
             src = ((n * channels + c0 + cb) * height + h) * width
             dst = h * width * block + cb
-            for j in range(0, tiled, lanes):
+            for j in range(0, tiled, nl):
                 transpose(a, src + j, plane, s, dst + j * block, block)
         d = s[0, h]
         for c in range(block):
@@ -1909,15 +1912,15 @@ def _block_out(s, a, n, c0, h_lo, h_hi):
     undone."""
     channels, height, width = a.shape[1], a.shape[2], a.shape[3]
     block = s.shape[3]
-    lanes = VECTOR_BYTES // a.itemsize
-    tiled = width - width % lanes
+    nl = lanes(a)
+    tiled = width - width % nl
     plane = height * width
     for h in range(h_lo, h_hi):
         _prefetch_planes(a, n, c0, block, h + _PLANE_AHEAD, True)
-        for cb in range(0, block, lanes):
+        for cb in range(0, block, nl):
             src = h * width * block + cb
             dst = ((n * channels + c0 + cb) * height + h) * width
-            for j in range(0, tiled, lanes):
+            for j in range(0, tiled, nl):
                 transpose(s, src + j * block, block, a, dst + j, plane)
         r = s[0, h]
         for c in range(block):
@@ -2896,14 +2899,14 @@ def _channel_block(p: Problem) -> int:
     divide the channels and keep one plane of them within _SCRATCH_BYTES
     (at least one vector), or 0 when the channels do not fill whole
     vectors (or there are none)."""
-    lanes = VECTOR_BYTES // p.dtype.itemsize
-    if p.channels % lanes or not p.channels:
+    per_vector = VECTOR_BYTES // p.dtype.itemsize
+    if p.channels % per_vector or not p.channels:
         return 0
     plane = p.geometry.height * p.geometry.width * p.dtype.itemsize
-    vectors = p.channels // lanes
+    vectors = p.channels // per_vector
     fits = [m for m in range(1, vectors + 1)
-            if vectors % m == 0 and m * lanes * plane <= _SCRATCH_BYTES]
-    return lanes * max(fits, default=1)
+            if vectors % m == 0 and m * per_vector * plane <= _SCRATCH_BYTES]
+    return per_vector * max(fits, default=1)
 
 
 _CHUNKS = 256  # weight-gradient slots; fixed, so results do not depend on

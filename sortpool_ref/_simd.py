@@ -195,6 +195,20 @@ def transpose(typingctx, src, i, src_step, dst, j, dst_step):
 
 
 @intrinsic
+def lanes(typingctx, arr):
+    """The lanes of a vector of the dtype of arr, as a compile-time
+    constant: VECTOR_BYTES // arr.itemsize reads the item size from the
+    array at run time, and a loop stepping by it divides to find its trip
+    count (an integer division per window in the vector backwards)."""
+    if not _c_float_array(arr):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return context.get_constant(types.intp, Vec(arr.dtype).lanes)
+    return types.intp(arr), codegen
+
+
+@intrinsic
 def zeros(typingctx, arr):
     """A vector of +0.0 of the dtype of arr."""
     if not _c_float_array(arr):

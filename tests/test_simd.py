@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from numba import njit
 
-from sortpool_ref._simd import (VECTOR_BYTES, any_lane, full, load,
+from sortpool_ref._simd import (VECTOR_BYTES, any_lane, full, lanes, load,
                                 prefetch, prefetch_write, select, store,
                                 transpose, zeros)
 
@@ -36,6 +36,21 @@ def _lanes_ops(a, b, i, out):
     store(out, 7 * lanes, select(va >= vb, va, zero))
     store(out, 8 * lanes, full(a, -2.5))
     return any_lane(va < vb), any_lane(va != va)
+
+
+@njit
+def _steps(a):
+    """lanes(a), and the starts of a loop stepping by it over a."""
+    return lanes(a), [i for i in range(0, a.size, lanes(a))]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_lanes_is_the_vector_width(dtype):
+    a = np.zeros(100, dtype)
+    per_vector = VECTOR_BYTES // np.dtype(dtype).itemsize
+    n, starts = _steps(a)
+    assert n == per_vector == {np.float32: 16, np.float64: 8}[dtype]
+    assert starts == list(range(0, 100, per_vector))
 
 
 @njit
