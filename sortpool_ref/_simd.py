@@ -6,8 +6,10 @@ machines with narrower vectors) and a ``Mask`` the result of comparing two
 of them, one bit per lane. In ``@njit`` code they are made by ``load`` and
 used with the operators ``<``, ``>=``, ``==``, ``!=``, ``+``, ``*``
 (vectors) and ``|`` (masks), and with ``select``, ``any_lane``, ``store``;
-``zeros`` and ``full`` make constant vectors. ``transpose`` moves a
-square tile of lanes x lanes elements between two arrays, transposed.
+``zeros`` and ``full`` make constant vectors, ``lanes`` gives their
+width as a compile-time constant. ``transpose`` moves a square tile of
+lanes x lanes elements between two arrays, transposed; ``prefetch`` and
+``prefetch_write`` ask for a cache line ahead of its use.
 
 Why not loops that LLVM vectorises, as elsewhere in the engine: a 3x3
 window reads nine rows and writes nine, and LLVM gives up on proving that
