@@ -30,10 +30,13 @@ Kernels and where they run (docs/performance.md has the measurements):
   each input row into a padded scratch row (pad_value in the padding, -inf
   for absent positions) so that every window of a row is one vectorised
   loop, and redoes one by one, from the padded rows and with the same
-  network, the windows that keep fewer ranks than pool_range. With
-  channels that fill whole vectors, the 3x3 forward runs by blocks of
-  channels instead, as the backward below, for float32 pool_range 6-9
-  and float64 every pool_range (_NCHW_BLOCKS_FROM).
+  network, the windows that keep fewer ranks than pool_range. Rows of
+  stride 2 without dilation run in explicit vectors of output columns
+  (_simd.load_pairs splits two vectors of a row into the windows' even
+  and odd columns). Other 3x3 geometries, with channels that fill whole
+  vectors, run by blocks of channels instead, as the backward below,
+  for float32 pool_range 6-9 and float64 every pool_range
+  (_NCHW_BLOCKS_FROM).
 * channel tile path, NHWC: every other window, any geometry, padding and
   ``pad_value``. Which positions of a window are real, padded or absent is
   the same for every channel, so the window's top-k is built by insertion
@@ -44,7 +47,8 @@ Kernels and where they run (docs/performance.md has the measurements):
   present, should a geometry have them).
 * NCHW backward, 2x2 stride 2 with every window inside the input: one
   (sample, channel) plane per task, innermost loop over the output
-  columns. Its grad_w is summed in another order than the NHWC kernel's
+  columns, in explicit vectors of them (_simd.load_pairs and
+  store_pairs) where a row fills at least one. Its grad_w is summed in another order than the NHWC kernel's
   (equal to rounding); y and grad_x are bit-identical across layouts.
 * NCHW backward, every other geometry, where the channels fill whole
   64-byte vectors: one task per sample and block of channels moves the
@@ -103,8 +107,9 @@ from numba.core import types
 from numba.extending import overload
 
 from ._checks import Problem, softmax_table, weight_grad_from_partials
-from ._simd import (VECTOR_BYTES, any_lane, full, lanes, load, prefetch,
-                    prefetch_write, select, store, transpose, zeros)
+from ._simd import (VECTOR_BYTES, any_lane, full, lanes, load, load_pairs,
+                    prefetch, prefetch_write, select, store, store_pairs,
+                    transpose, zeros)
 
 
 # --------------------------------------------------------------------------
@@ -123,17 +128,18 @@ def _sort4(a0, a1, a2, a3):
     compare-exchanges of _sort4_nan_free, each swapping a (earlier) and b
     when b ranks above a, ``(a == a) & ~(a >= b)``: false when a is NaN,
     else true unless a >= b (false when b is NaN): the branch-free form of
-    ``_ranks_above(b, a)``, written out in every compare-exchange."""
+    ``_ranks_above(b, a)``, written out in every compare-exchange.
+    Scalars or _simd vectors."""
     s = (a0 == a0) & ~(a0 >= a1)
-    a0, a1 = (a1 if s else a0), (a0 if s else a1)
+    a0, a1 = _swap(s, a0, a1)
     s = (a2 == a2) & ~(a2 >= a3)
-    a2, a3 = (a3 if s else a2), (a2 if s else a3)
+    a2, a3 = _swap(s, a2, a3)
     s = (a0 == a0) & ~(a0 >= a2)
-    a0, a2 = (a2 if s else a0), (a0 if s else a2)
+    a0, a2 = _swap(s, a0, a2)
     s = (a1 == a1) & ~(a1 >= a3)
-    a1, a3 = (a3 if s else a1), (a1 if s else a3)
+    a1, a3 = _swap(s, a1, a3)
     s = (a1 == a1) & ~(a1 >= a2)
-    a1, a2 = (a2 if s else a1), (a1 if s else a2)
+    a1, a2 = _swap(s, a1, a2)
     return a0, a1, a2, a3
 
 
@@ -2071,11 +2077,13 @@ def _nchw_forward_blocks(kind, kk):
     input rows each output row needs into channels-last scratch (_block_in)
     just before it, runs the NHWC forward's row function on the scratch and
     moves the block's output back. Tasks split evenly over ``workers``.
-    Used for 3x3 windows from _NCHW_BLOCKS_FROM ranks on: float32 6 or
-    more, where it was faster than the NCHW 3x3 kernel (k = 7 / 8 / 9:
-    13.7 / 13.7 / 14.7 against 16.8 / 17.7 / 20.2 ms for (32, 64, 112,
-    112) float32 on the Xeon; k = 6 9% faster on the EPYC since its moves
-    prefetch, k = 5 the same), float64 every pool_range."""
+    Used for 3x3 windows from _NCHW_BLOCKS_FROM ranks on whose rows the
+    NCHW 3x3 kernel cannot run in explicit vectors (a stride other than 2
+    or a dilation): float32 6 or more, where it was faster than that
+    kernel's loops (k = 7 / 8 / 9: 13.7 / 13.7 / 14.7 against 16.8 / 17.7
+    / 20.2 ms for (32, 64, 112, 112) float32 on the Xeon; k = 6 9% faster
+    on the EPYC since its moves prefetch, k = 5 the same), float64 every
+    pool_range."""
     @njit(parallel=True, cache=True)
     def kernel(x, tbls, k, kh, kw, sh, sw, dh, dw, pt, pb, pl, pr, has_pad,
                pad_value, oh_lo, oh_hi, ow_lo, ow_hi, workers, vectors, y):
@@ -2203,9 +2211,38 @@ def _row_2x2_nchw(x0, x1, yr, lo, hi, sw, pl, dw, p0, p1, p2, p3, kk):
         yv[i] = nan if _any_nan4(a0, a1, a2, a3) else acc
 
 
+@njit(inline="always")
+def _row_2x2_nchw_simd(x, i0, i1, y, yo, count, p, kk):
+    """_row_2x2_nchw for stride 2, no dilation, in explicit vectors
+    (_simd), the outputs y.flat[yo:yo + count] rounded down to whole
+    vectors: window t's columns are x.flat[i0 + 2 t] and the next in its
+    top row, from x.flat[i1 + 2 t] in its bottom row, split into even
+    and odd columns by load_pairs; p holds kk weights as vectors. The
+    same network, products and sums as the loop form, bit for bit.
+    Returns how many outputs it wrote: all count of them when there is at
+    least one vector's worth (the last vector overlaps the one before,
+    rather than leave a remainder to a scalar loop), else none."""
+    nan = full(x, np.nan)
+    nl = lanes(x)
+    if count < nl:
+        return 0
+    for b in range(0, count, nl):
+        t = min(b, count - nl)
+        a0, a1 = load_pairs(x, i0 + 2 * t)
+        a2, a3 = load_pairs(x, i1 + 2 * t)
+        v = _sort4_nan_free(a0, a1, a2, a3)
+        acc = p[0] * v[0]
+        for r in range(1, kk):
+            acc = acc + p[r] * v[r]
+        store(y, yo + t, select(_any_nan4(a0, a1, a2, a3), nan, acc))
+    return count
+
+
 @njit(cache=True)
-def _fwd_plane_nchw(x, n, c, tb, k, geo, bnd, y, kk):
-    """One (sample, channel) plane, compiled once per literal pool_range."""
+def _fwd_plane_nchw(x, n, c, tb, k, geo, bnd, y, vectors, kk):
+    """One (sample, channel) plane, compiled once per literal pool_range;
+    vectors: whether stride-2 rows run in explicit vectors
+    (_row_2x2_nchw_simd) before the loop form takes the rest."""
     literally(kk)
     (kh, kw, sh, sw, dh, dw, pt, pb, pl, pr, has_pad, pad_value) = geo
     oh_lo, oh_hi, ow_lo, ow_hi = bnd
@@ -2219,6 +2256,7 @@ def _fwd_plane_nchw(x, n, c, tb, k, geo, bnd, y, kk):
     p1 = tb[kk, 1] if kk >= 2 else p0
     p2 = tb[kk, 2] if kk >= 3 else p0
     p3 = tb[kk, 3] if kk >= 4 else p0
+    pv = (full(x, p0), full(x, p1), full(x, p2), full(x, p3))
     xp = x[n, c]
     yp = y[n, c]
     for oh in range(out_h):
@@ -2232,8 +2270,16 @@ def _fwd_plane_nchw(x, n, c, tb, k, geo, bnd, y, kk):
             # Literal strides for the common case: LLVM vectorises the
             # strided loads only when it knows the stride.
             if sw == 2 and dw == 1:
-                _row_2x2_nchw(xp[h0], xp[h0 + dh], yr, lo, hi, 2, pl, 1, p0,
-                              p1, p2, p3, kk)
+                mid = lo
+                if vectors:
+                    i0 = ((n * x.shape[1] + c) * x.shape[2] + h0) \
+                        * x.shape[3] + 2 * lo - pl
+                    mid += _row_2x2_nchw_simd(
+                        x, i0, i0 + dh * x.shape[3], y,
+                        ((n * y.shape[1] + c) * out_h + oh) * out_w + lo,
+                        max(hi - lo, 0), pv, kk)
+                _row_2x2_nchw(xp[h0], xp[h0 + dh], yr, mid, hi, 2, pl, 1,
+                              p0, p1, p2, p3, kk)
             else:
                 _row_2x2_nchw(xp[h0], xp[h0 + dh], yr, lo, hi, sw, pl, dw,
                               p0, p1, p2, p3, kk)
@@ -2250,7 +2296,7 @@ def _fwd_plane_nchw(x, n, c, tb, k, geo, bnd, y, kk):
 @njit(parallel=True, cache=True)
 def _forward_nchw_2x2(x, table, per_channel, k, kh, kw, sh, sw, dh, dw, pt,
                       pb, pl, pr, has_pad, pad_value, oh_lo, oh_hi, ow_lo,
-                      ow_hi, y):
+                      ow_hi, vectors, y):
     geo = (kh, kw, sh, sw, dh, dw, pt, pb, pl, pr, has_pad, pad_value)
     bnd = (oh_lo, oh_hi, ow_lo, ow_hi)
     channels = x.shape[1]
@@ -2259,13 +2305,13 @@ def _forward_nchw_2x2(x, table, per_channel, k, kh, kw, sh, sw, dh, dw, pt,
         c = t - n * channels
         tb = table[c if per_channel else 0]
         if k == 1:
-            _fwd_plane_nchw(x, n, c, tb, k, geo, bnd, y, 1)
+            _fwd_plane_nchw(x, n, c, tb, k, geo, bnd, y, vectors, 1)
         elif k == 2:
-            _fwd_plane_nchw(x, n, c, tb, k, geo, bnd, y, 2)
+            _fwd_plane_nchw(x, n, c, tb, k, geo, bnd, y, vectors, 2)
         elif k == 3:
-            _fwd_plane_nchw(x, n, c, tb, k, geo, bnd, y, 3)
+            _fwd_plane_nchw(x, n, c, tb, k, geo, bnd, y, vectors, 3)
         else:
-            _fwd_plane_nchw(x, n, c, tb, k, geo, bnd, y, 4)
+            _fwd_plane_nchw(x, n, c, tb, k, geo, bnd, y, vectors, 4)
 
 
 @njit(inline="always")
@@ -2334,6 +2380,38 @@ def _sort_row_3x3_nchw(r0, r1, r2, yr, sw, dw, p0, p1, p2, p3, p4, p5, p6,
 
 
 @njit(inline="always")
+def _row_3x3_nchw_simd(rows, y, yo, count, p, kk):
+    """_sort_row_3x3_nchw for stride 2, no dilation, in explicit vectors
+    (_simd): y.flat[yo:yo + count] from the padded rows (3, span) rows;
+    window t's columns 2 t, 2 t + 1 by load_pairs, column 2 t + 2 as the
+    even ones from 2 t + 2 (which reads one element past the last window:
+    rows has a column to spare). p holds kk weights as vectors. The same
+    network, products and sums as the loop form, bit for bit. Returns how
+    many outputs it wrote, all or none, as _row_2x2_nchw_simd."""
+    nan = full(rows, np.nan)
+    span = rows.shape[1]
+    nl = lanes(rows)
+    if count < nl:
+        return 0
+    for b in range(0, count, nl):
+        t = min(b, count - nl)
+        o = 2 * t
+        a0, a1 = load_pairs(rows, o)
+        a2, _ = load_pairs(rows, o + 2)
+        a3, a4 = load_pairs(rows, span + o)
+        a5, _ = load_pairs(rows, span + o + 2)
+        a6, a7 = load_pairs(rows, 2 * span + o)
+        a8, _ = load_pairs(rows, 2 * span + o + 2)
+        v = _top9_nan_free(a0, a1, a2, a3, a4, a5, a6, a7, a8, kk)
+        acc = p[0] * v[0]
+        for r in range(1, kk):
+            acc = acc + p[r] * v[r]
+        bad = _any_nan9(a0, a1, a2, a3, a4, a5, a6, a7, a8)
+        store(y, yo + t, select(bad, nan, acc))
+    return count
+
+
+@njit(inline="always")
 def _edge_3x3_nchw(r0, r1, r2, col, dw, tb, m):
     """y of a 3x3 window with 1 <= m < k present positions (borders), from
     the padded rows (absent positions hold -inf and sort below the present
@@ -2365,7 +2443,7 @@ def _present(start, step, size, lead, trail):
 
 
 @njit(cache=True)
-def _fwd_plane_nchw_3x3(x, n, c, tb, k, geo, bnd, y, kk):
+def _fwd_plane_nchw_3x3(x, n, c, tb, k, geo, bnd, y, vectors, kk):
     """One (sample, channel) plane of a 3x3 forward, compiled once per
     literal pool_range. Each output row is one vectorised loop along the
     output columns over the three input rows copied into padded scratch
@@ -2374,7 +2452,9 @@ def _fwd_plane_nchw_3x3(x, n, c, tb, k, geo, bnd, y, kk):
     least k ranks an absent position ranked as -inf changes nothing (the
     k largest values are the same values, and the table row is that of k
     ranks); windows that keep fewer (borders, with large k) are redone one
-    by one from the padded rows (_edge_3x3_nchw)."""
+    by one from the padded rows (_edge_3x3_nchw). vectors: whether rows
+    of stride 2 run in explicit vectors (_row_3x3_nchw_simd) before the
+    loop form takes the rest."""
     literally(kk)
     (kh, kw, sh, sw, dh, dw, pt, pb, pl, pr, has_pad, pad_value) = geo
     oh_lo, oh_hi, ow_lo, ow_hi = bnd
@@ -2385,7 +2465,8 @@ def _fwd_plane_nchw_3x3(x, n, c, tb, k, geo, bnd, y, kk):
     top = np.empty(k, dtype=x.dtype)
     top_pos = np.empty(k, dtype=np.int64)
     span = (out_w - 1) * sw + 2 * dw + 1
-    rows = np.empty((3, span), dtype=x.dtype)
+    # One column to spare for _row_3x3_nchw_simd's last load.
+    rows = np.empty((3, span + 1), dtype=x.dtype)
     # The weights as scalars before the loop (loads from the table inside
     # it could alias the stores).
     zero = x.dtype.type(0.0)
@@ -2398,6 +2479,8 @@ def _fwd_plane_nchw_3x3(x, n, c, tb, k, geo, bnd, y, kk):
     p6 = tb[kk, 6] if kk >= 7 else zero
     p7 = tb[kk, 7] if kk >= 8 else zero
     p8 = tb[kk, 8] if kk >= 9 else zero
+    pv = (full(x, p0), full(x, p1), full(x, p2), full(x, p3), full(x, p4),
+          full(x, p5), full(x, p6), full(x, p7), full(x, p8))
     r0 = rows[0]
     r1 = rows[1]
     r2 = rows[2]
@@ -2412,8 +2495,11 @@ def _fwd_plane_nchw_3x3(x, n, c, tb, k, geo, bnd, y, kk):
         # Literal stride and dilation for the common case: LLVM vectorises
         # the strided loads only when it knows the stride.
         if sw == 2 and dw == 1:
-            _sort_row_3x3_nchw(r0, r1, r2, yr, 2, 1, p0, p1, p2, p3, p4, p5,
-                               p6, p7, p8, kk)
+            if not (vectors and _row_3x3_nchw_simd(
+                    rows, y, ((n * y.shape[1] + c) * out_h + oh) * out_w,
+                    out_w, pv, kk)):
+                _sort_row_3x3_nchw(r0, r1, r2, yr, 2, 1, p0, p1, p2, p3, p4,
+                                   p5, p6, p7, p8, kk)
         else:
             _sort_row_3x3_nchw(r0, r1, r2, yr, sw, dw, p0, p1, p2, p3, p4,
                                p5, p6, p7, p8, kk)
@@ -2443,7 +2529,7 @@ def _fwd_plane_nchw_3x3(x, n, c, tb, k, geo, bnd, y, kk):
 @njit(parallel=True, cache=True)
 def _forward_nchw_3x3(x, table, per_channel, k, kh, kw, sh, sw, dh, dw, pt,
                       pb, pl, pr, has_pad, pad_value, oh_lo, oh_hi, ow_lo,
-                      ow_hi, y):
+                      ow_hi, vectors, y):
     geo = (kh, kw, sh, sw, dh, dw, pt, pb, pl, pr, has_pad, pad_value)
     bnd = (oh_lo, oh_hi, ow_lo, ow_hi)
     channels = x.shape[1]
@@ -2453,23 +2539,32 @@ def _forward_nchw_3x3(x, table, per_channel, k, kh, kw, sh, sw, dh, dw, pt,
         tb = table[c if per_channel else 0]
         # One specialisation per literal pool_range (see _nhwc_forward).
         if k == 1:
-            _fwd_plane_nchw_3x3(x, n, c, tb, k, geo, bnd, y, 1)
+            _fwd_plane_nchw_3x3(x, n, c, tb, k, geo, bnd, y, vectors,
+                                1)
         elif k == 2:
-            _fwd_plane_nchw_3x3(x, n, c, tb, k, geo, bnd, y, 2)
+            _fwd_plane_nchw_3x3(x, n, c, tb, k, geo, bnd, y, vectors,
+                                2)
         elif k == 3:
-            _fwd_plane_nchw_3x3(x, n, c, tb, k, geo, bnd, y, 3)
+            _fwd_plane_nchw_3x3(x, n, c, tb, k, geo, bnd, y, vectors,
+                                3)
         elif k == 4:
-            _fwd_plane_nchw_3x3(x, n, c, tb, k, geo, bnd, y, 4)
+            _fwd_plane_nchw_3x3(x, n, c, tb, k, geo, bnd, y, vectors,
+                                4)
         elif k == 5:
-            _fwd_plane_nchw_3x3(x, n, c, tb, k, geo, bnd, y, 5)
+            _fwd_plane_nchw_3x3(x, n, c, tb, k, geo, bnd, y, vectors,
+                                5)
         elif k == 6:
-            _fwd_plane_nchw_3x3(x, n, c, tb, k, geo, bnd, y, 6)
+            _fwd_plane_nchw_3x3(x, n, c, tb, k, geo, bnd, y, vectors,
+                                6)
         elif k == 7:
-            _fwd_plane_nchw_3x3(x, n, c, tb, k, geo, bnd, y, 7)
+            _fwd_plane_nchw_3x3(x, n, c, tb, k, geo, bnd, y, vectors,
+                                7)
         elif k == 8:
-            _fwd_plane_nchw_3x3(x, n, c, tb, k, geo, bnd, y, 8)
+            _fwd_plane_nchw_3x3(x, n, c, tb, k, geo, bnd, y, vectors,
+                                8)
         else:
-            _fwd_plane_nchw_3x3(x, n, c, tb, k, geo, bnd, y, 9)
+            _fwd_plane_nchw_3x3(x, n, c, tb, k, geo, bnd, y, vectors,
+                                9)
 
 
 @njit(inline="always")
@@ -2531,8 +2626,78 @@ def _bwd_row_2x2_nchw(x0, x1, gr, d0, d1, p0, p1, p2, p3, scr):
         d1[2 * i + 1] = s3[i]
 
 
+@njit(inline="always")
+def _bwd_row_2x2_nchw_simd(x, i0, gy, go, gx, scr, count, p, iota):
+    """_bwd_row_2x2_nchw in explicit vectors of output columns (_simd), all
+    count of them, when count fills at least one vector (else nothing is
+    done; returns whether it was): window t's top-row columns are
+    x.flat[i0 + 2 t] and the next (load_pairs), its bottom row one input
+    row further on, its g gy.flat[go + t]; grad_x goes to the same flat
+    places of gx (store_pairs). Per vector, the ranks from the pairwise
+    comparisons (NaN-aware only where a lane holds a NaN) and the weights
+    by selects from the 4 weights p (zero where a rank is not kept), as
+    _windows_2x2_simd; the sorted values by the network the loop form
+    uses, added into the block sums scr[4:] (per output column). The last
+    vector overlaps the one before; there the block sums of the columns
+    done already are kept as they were (iota: the lanes' numbers). The
+    same numbers as the loop form, bit for bit."""
+    nl = lanes(x)
+    if count < nl:
+        return False
+    out_w = scr.shape[1]
+    zero = zeros(x)
+    one = full(x, 1.0)
+    two = full(x, 2.0)
+    for b in range(0, count, nl):
+        t = min(b, count - nl)
+        o = i0 + 2 * t
+        a0, a1 = load_pairs(x, o)
+        a2, a3 = load_pairs(x, o + x.shape[3])
+        g = load(gy, go + t)
+        if any_lane(_any_nan4(a0, a1, a2, a3)):
+            n0 = a0 != a0
+            n1 = a1 != a1
+            n2 = a2 != a2
+            # bST: position S (earlier) ranks above position T (later).
+            b01 = n0 | (a0 >= a1)
+            b02 = n0 | (a0 >= a2)
+            b03 = n0 | (a0 >= a3)
+            b12 = n1 | (a1 >= a2)
+            b13 = n1 | (a1 >= a3)
+            b23 = n2 | (a2 >= a3)
+            v = _sort4(a0, a1, a2, a3)
+        else:
+            b01 = a0 >= a1
+            b02 = a0 >= a2
+            b03 = a0 >= a3
+            b12 = a1 >= a2
+            b13 = a1 >= a3
+            b23 = a2 >= a3
+            v = _sort4_nan_free(a0, a1, a2, a3)
+        r0 = (select(b01, zero, one) + select(b02, zero, one)
+              + select(b03, zero, one))
+        r1 = (select(b01, one, zero) + select(b12, zero, one)
+              + select(b13, zero, one))
+        r2 = (select(b02, one, zero) + select(b12, one, zero)
+              + select(b23, zero, one))
+        r3 = (select(b03, one, zero) + select(b13, one, zero)
+              + select(b23, one, zero))
+        w0 = _of_rank(r0, zero, one, two, p[0], p[1], p[2], p[3])
+        w1 = _of_rank(r1, zero, one, two, p[0], p[1], p[2], p[3])
+        w2 = _of_rank(r2, zero, one, two, p[0], p[1], p[2], p[3])
+        w3 = _of_rank(r3, zero, one, two, p[0], p[1], p[2], p[3])
+        store_pairs(gx, o, g * w0, g * w1)
+        store_pairs(gx, o + x.shape[3], g * w2, g * w3)
+        fresh = load(iota, 0) >= full(x, b - t)
+        for r in range(4):
+            j = (4 + r) * out_w + t
+            s = load(scr, j)
+            store(scr, j, select(fresh, s + g * v[r], s))
+    return True
+
+
 @njit(parallel=True, cache=True)
-def _backward_nchw_2x2(x, gy, table, per_channel, k, gx, acc):
+def _backward_nchw_2x2(x, gy, table, per_channel, k, gx, acc, vectors):
     """2x2 stride-2 backward of NCHW arrays whose windows all lie inside
     the input (no padding); the last row and column of an odd-sized input
     belong to no window and are zeroed. One task per (sample, channel)
@@ -2557,6 +2722,8 @@ def _backward_nchw_2x2(x, gy, table, per_channel, k, gx, acc):
         p1 = tb[k, 1] if k >= 2 else zero
         p2 = tb[k, 2] if k >= 3 else zero
         p3 = tb[k, 3] if k >= 4 else zero
+        pv = (full(x, p0), full(x, p1), full(x, p2), full(x, p3))
+        iota = np.arange(lanes(x)).astype(x.dtype)
         scr = np.zeros((8, out_w), dtype=x.dtype)
         part = scr[4:]
         accv = np.zeros((k, out_w))
@@ -2564,9 +2731,13 @@ def _backward_nchw_2x2(x, gy, table, per_channel, k, gx, acc):
         dp = gx[n, c]
         gp = gy[n, c]
         for oh in range(out_h):
-            _bwd_row_2x2_nchw(xp[2 * oh], xp[2 * oh + 1], gp[oh],
-                              dp[2 * oh], dp[2 * oh + 1], p0, p1, p2, p3,
-                              scr)
+            i0 = ((n * channels + c) * height + 2 * oh) * width
+            if not (vectors and _bwd_row_2x2_nchw_simd(
+                    x, i0, gy, ((n * channels + c) * out_h + oh) * out_w,
+                    gx, scr, out_w, pv, iota)):
+                _bwd_row_2x2_nchw(xp[2 * oh], xp[2 * oh + 1], gp[oh],
+                                  dp[2 * oh], dp[2 * oh + 1], p0, p1, p2,
+                                  p3, scr)
             if (oh + 1) % _BLOCK == 0 or oh + 1 == out_h:
                 _flush_partials(part, accv, k)
         for h in range(2 * out_h):
@@ -2821,6 +2992,11 @@ WRITES_INTO_OUT = True
 _FORWARD_VECTORS: Optional[bool] = None
 
 
+# Whether the NCHW 2x2 stride-2 backward runs its rows in explicit vectors
+# (_bwd_row_2x2_nchw_simd) or loops (the tests run both).
+_BACKWARD_NCHW_VECTORS = True
+
+
 def _forward_vectors() -> bool:
     """Whether the NHWC forward's register paths (and the NCHW forward by
     blocks, which runs them) use explicit vectors where the channels fill
@@ -2852,7 +3028,17 @@ def _forward_vectors() -> bool:
 # float32 k = 1 / 2 / 4 / 5 / 6 / 7 by blocks 1.38 / 1.34 / 1.40 / 1.41-1.44
 # / 1.44-1.45 / 1.42 against 1.19 / 1.27 / 1.34 / 1.40-1.43 / 1.54-1.59 /
 # 1.43 per plane (ratios to the NHWC floor): float32 by blocks from 6.
-_NCHW_BLOCKS_FROM = {4: 6, 8: 1}
+# Since the plane kernel runs rows of stride 2 without dilation in
+# explicit vectors (_row_3x3_nchw_simd), those run per plane at every
+# pool_range (the second key: rows in vectors; 10: never by blocks):
+# side by side on the Intel Xeon, float32 k = 1 / 4 / 5 / 6 / 7 / 9
+# 1.25 / 1.39 / 1.51 / 1.61 / 1.90 / 1.86 times the NCHW floor per plane
+# against 1.28 / 1.56 (the plane's loops) and 1.74 / 2.19 / 1.88 / 1.92
+# by blocks, float64 k = 1 / 4 / 5 / 6 / 7 / 9 0.87 / 1.03 / 1.01 / 1.06
+# / 1.26 / 1.32 against 1.12 / 1.26 / 1.28 / 1.31 / 1.31 / 1.35 by
+# blocks (docs/performance.md, fifteenth round).
+_NCHW_BLOCKS_FROM = {(4, False): 6, (8, False): 1, (4, True): 10,
+                     (8, True): 10}
 
 
 def forward(x: np.ndarray, w: np.ndarray, p: Problem,
@@ -2877,8 +3063,10 @@ def forward(x: np.ndarray, w: np.ndarray, p: Problem,
     else:
         if y is None:
             y = np.empty((p.batch, p.channels, g.out_h, g.out_w), p.dtype)
+        rows_in_vectors = (g.stride_w, g.dilation_w) == (2, 1)
         block = (_channel_block(p) if kind == 3 and p.pool_range
-                 >= _NCHW_BLOCKS_FROM[p.dtype.itemsize] else 0)
+                 >= _NCHW_BLOCKS_FROM[p.dtype.itemsize, rows_in_vectors]
+                 else 0)
         if y.size and block:
             kernel = _nchw_forward_blocks(kind, p.pool_range)
             kernel(xm, _blocked(tblT, block), p.pool_range,
@@ -2888,7 +3076,8 @@ def forward(x: np.ndarray, w: np.ndarray, p: Problem,
         elif y.size:
             kernel = _forward_nchw_2x2 if kind == 2 else _forward_nchw_3x3
             kernel(xm, table, p.per_channel, p.pool_range,
-                   *_geometry_args(p), oh_lo, oh_hi, ow_lo, ow_hi, y)
+                   *_geometry_args(p), oh_lo, oh_hi, ow_lo, ow_hi,
+                   _forward_vectors(), y)
     if out is not None:
         return out if direct else _deliver(y, memory, out, p.layout)
     return _result(y, memory, x, p.layout)
@@ -2993,7 +3182,8 @@ def backward(grad_y: np.ndarray, x: np.ndarray, w: np.ndarray,
         acc = np.zeros((n_chunks, k + 1, k, p.channels))
     if memory == "NCHW" and not block:
         if gx.size and rows:
-            _backward_nchw_2x2(xm, gym, table, p.per_channel, k, gx, acc)
+            _backward_nchw_2x2(xm, gym, table, p.per_channel, k, gx, acc,
+                               _BACKWARD_NCHW_VECTORS)
     elif gx.size and rows:
         tpad = np.zeros((9, p.channels), p.dtype)
         if kind:  # register paths: k <= window size <= 9

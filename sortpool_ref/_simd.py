@@ -5,7 +5,10 @@ lanes: one AVX-512 register; LLVM splits it into two or four registers on
 machines with narrower vectors) and a ``Mask`` the result of comparing two
 of them, one bit per lane. In ``@njit`` code they are made by ``load`` and
 used with the operators ``<``, ``>=``, ``==``, ``!=``, ``+``, ``*``
-(vectors) and ``|`` (masks), and with ``select``, ``any_lane``, ``store``;
+(vectors) and ``|``, ``&``, ``~`` (masks), and with ``select``,
+``any_lane``, ``store``;
+``load_pairs`` loads twice as many elements split into even and odd ones,
+``store_pairs`` stores them back interleaved;
 ``zeros`` and ``full`` make constant vectors, ``lanes`` gives their
 width as a compile-time constant. ``transpose`` moves a square tile of
 lanes x lanes elements between two arrays, transposed; ``prefetch`` and
@@ -97,6 +100,31 @@ def load(typingctx, arr, i):
 
 
 @intrinsic
+def load_pairs(typingctx, arr, i):
+    """(arr.flat[i:i + 2 * lanes:2], arr.flat[i + 1:i + 2 * lanes:2]):
+    two vectors loaded and split into their even and odd elements (one
+    two-register shuffle each), the left and right columns of lanes
+    windows of stride 2 along a row (nothing is checked, as for load)."""
+    if not (_c_float_array(arr) and isinstance(i, types.Integer)):
+        return None
+    vt = Vec(arr.dtype)
+
+    def codegen(context, builder, sig, args):
+        lo = _lane_pointer(context, builder, sig, args)
+        hi = builder.gep(lo, [ir.Constant(ir.IntType(64), 1)],
+                         inbounds=True)
+        a = builder.load(lo, align=1)
+        b = builder.load(hi, align=1)
+        mask = ir.VectorType(ir.IntType(32), vt.lanes)
+        even = builder.shuffle_vector(
+            a, b, ir.Constant(mask, list(range(0, 2 * vt.lanes, 2))))
+        odd = builder.shuffle_vector(
+            a, b, ir.Constant(mask, list(range(1, 2 * vt.lanes, 2))))
+        return context.make_tuple(builder, sig.return_type, (even, odd))
+    return types.UniTuple(vt, 2)(arr, i), codegen
+
+
+@intrinsic
 def store(typingctx, arr, i, v):
     """arr.flat[i:i + lanes] = v."""
     if not (_c_float_array(arr) and isinstance(i, types.Integer)
@@ -108,6 +136,30 @@ def store(typingctx, arr, i, v):
                       align=1)
         return context.get_dummy_value()
     return types.none(arr, i, v), codegen
+
+
+@intrinsic
+def store_pairs(typingctx, arr, i, even, odd):
+    """arr.flat[i:i + 2 * lanes:2] = even, arr.flat[i + 1:i + 2 * lanes:2]
+    = odd: the inverse of load_pairs (two shuffles, two stores)."""
+    if not (_c_float_array(arr) and isinstance(i, types.Integer)
+            and isinstance(even, Vec) and even == odd
+            and even.dtype == arr.dtype):
+        return None
+
+    def codegen(context, builder, sig, args):
+        n = even.lanes
+        lo = _lane_pointer(context, builder, sig, args)
+        hi = builder.gep(lo, [ir.Constant(ir.IntType(64), 1)],
+                         inbounds=True)
+        mask = ir.VectorType(ir.IntType(32), n)
+        order = [q // 2 + (n if q % 2 else 0) for q in range(2 * n)]
+        for half, ptr in ((order[:n], lo), (order[n:], hi)):
+            v = builder.shuffle_vector(args[2], args[3],
+                                       ir.Constant(mask, half))
+            builder.store(v, ptr, align=1)
+        return context.get_dummy_value()
+    return types.none(arr, i, even, odd), codegen
 
 
 def _prefetch(write):
@@ -301,14 +353,35 @@ def _arithmetic(name):
     return arithmetic
 
 
+def _mask_op(name):
+    @intrinsic
+    def mask_op(typingctx, a, b):
+        if not (isinstance(a, Mask) and a == b):
+            return None
+
+        def codegen(context, builder, sig, args):
+            return getattr(builder, name)(args[0], args[1])
+        return a(a, b), codegen
+    return mask_op
+
+
+_mask_or = _mask_op("or_")
+
+
 @intrinsic
-def _mask_or(typingctx, a, b):
-    if not (isinstance(a, Mask) and a == b):
+def _mask_not(typingctx, a):
+    if not isinstance(a, Mask):
         return None
 
     def codegen(context, builder, sig, args):
-        return builder.or_(args[0], args[1])
-    return a(a, b), codegen
+        return builder.not_(args[0])
+    return a(a), codegen
+
+
+@overload(operator.invert)
+def _invert(a):
+    if isinstance(a, Mask):
+        return lambda a: _mask_not(a)
 
 
 def _register(op, intr, cls):
@@ -328,3 +401,4 @@ _register(operator.add, _arithmetic("fadd"), Vec)
 _register(operator.mul, _arithmetic("fmul"), Vec)
 _register(operator.or_, _mask_or, Mask)
 _register(operator.ior, _mask_or, Mask)
+_register(operator.and_, _mask_op("and_"), Mask)

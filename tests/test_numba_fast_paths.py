@@ -593,7 +593,9 @@ def test_nchw_backward_by_channel_blocks(name, dtype, monkeypatch):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_nchw_3x3_forward_by_channel_blocks(dtype, monkeypatch):
     """NCHW 3x3 forwards keeping 6 ranks or more (float32) or any number
-    (float64), with channels that fill whole vectors, run by blocks of
+    (float64), with channels that fill whole vectors, whose rows the
+    plane kernel does not run in explicit vectors (a stride other than 2
+    or a dilation; forced here for the others too), run by blocks of
     channels (one vector each here: three blocks) without a channels-last
     copy: every 3x3 geometry and kind of values against the reference,
     bit for bit the NHWC forward of the same data (the same row
@@ -606,7 +608,11 @@ def test_nchw_3x3_forward_by_channel_blocks(dtype, monkeypatch):
     channels = 3 * lanes
     rng = np.random.default_rng(41)
     names = [name for name in GEOMETRIES if name.startswith("3x3")]
-    first = engine._NCHW_BLOCKS_FROM[np.dtype(dtype).itemsize]
+    first = engine._NCHW_BLOCKS_FROM[np.dtype(dtype).itemsize, False]
+    # Rows of stride 2 run per plane in explicit vectors at every
+    # pool_range (test_nchw_forward_rows_in_vectors); here by blocks too.
+    monkeypatch.setitem(engine._NCHW_BLOCKS_FROM,
+                        (np.dtype(dtype).itemsize, True), first)
     ks = sorted({k for k in (2, 7, 9) if k >= first} | {first})
     for seed, (name, values, k) in enumerate(itertools.product(
             names, VALUES, ks)):
@@ -631,6 +637,95 @@ def test_nchw_3x3_forward_by_channel_blocks(dtype, monkeypatch):
         x_nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
         y_nhwc = engine.forward(x_nhwc, w, _problem(x_nhwc, w, "NHWC", geo))
         assert _bits(y) == _bits(y_nhwc.transpose(0, 3, 1, 2))
+
+
+# Geometries whose NCHW forward rows run in explicit vectors (stride 2, no
+# dilation), on planes wide enough for two vectors of output columns and a
+# remainder: 2x2 inside the input and with padded borders, 3x3 with absent
+# and valued padding, without padding, and reaching past it.
+ROW_VECTOR_GEOMETRIES = {
+    "2x2": dict(kernel_size=2),
+    "2x2 p1 pad=-0.5": dict(kernel_size=2, padding=1, pad_value=-0.5),
+    "3x3 s2 p1": dict(kernel_size=3, stride=2, padding=1),
+    "3x3 s2 p1 pad=0": dict(kernel_size=3, stride=2, padding=1,
+                            pad_value=0.0),
+    "3x3 s2": dict(kernel_size=3, stride=2),
+    "3x3 s2 p1 ceil pad=-0.5": dict(kernel_size=3, stride=2, padding=1,
+                                    ceil_mode=True, pad_value=-0.5),
+}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", ROW_VECTOR_GEOMETRIES)
+def test_nchw_forward_rows_in_vectors(name, dtype, monkeypatch):
+    """The NCHW plane kernels run rows of stride-2 windows in explicit
+    vectors of output columns (engine._row_2x2_nchw_simd,
+    engine._row_3x3_nchw_simd; the last vector of a row overlaps the one
+    before it) and otherwise in loops (engine._FORWARD_VECTORS forces
+    one form): for every kind of values and pool_range, on rows of two
+    vectors and a remainder and on rows narrower than a vector, both
+    forms give the reference's y and the same bits, and the NHWC
+    forward's numbers."""
+    geo = ROW_VECTOR_GEOMETRIES[name]
+    lanes = VECTOR_BYTES // np.dtype(dtype).itemsize
+    window = np.prod(np.broadcast_to(geo["kernel_size"], 2))
+    cases = itertools.product(VALUES, range(1, window + 1),
+                              (4 * lanes + 5, lanes - 3))
+    for seed, (values, k, width) in enumerate(cases):
+        # Three channels: never whole vectors, so never by blocks.
+        x = array_of(values, (2, 3, 5, width), dtype, 500 + seed)
+        w = _weights(np.random.default_rng(seed), 3, k, seed % 2 == 1)
+        p = _problem(x, w, "NCHW", geo)
+        ys = []
+        for vectors in (True, False):
+            monkeypatch.setattr(engine, "_FORWARD_VECTORS", vectors)
+            ys.append(engine.forward(x, w, p))
+        what = f"{name} {values} k={k} width={width}"
+        assert_close(ys[0], reference.forward(x, w, p), dtype,
+                     tolerance_scale("y", x, w), what)
+        assert _bits(ys[0]) == _bits(ys[1]), what
+        # The same numbers as the NHWC forward, whose border windows take
+        # another path: a zero result's sign may differ (see
+        # docs/numerics.md; the networks are not stable among ties).
+        x_nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+        y_nhwc = engine.forward(x_nhwc, w, _problem(x_nhwc, w, "NHWC", geo))
+        np.testing.assert_array_equal(ys[0], y_nhwc.transpose(0, 3, 1, 2),
+                                      what)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nchw_2x2_backward_rows_in_vectors(dtype, monkeypatch):
+    """The NCHW 2x2 stride-2 backward runs its rows in explicit vectors of
+    output columns (engine._bwd_row_2x2_nchw_simd; the last vector of a
+    row overlaps the one before, whose columns' block sums it must not
+    add twice) or in loops (engine._BACKWARD_NCHW_VECTORS): for every
+    kind of values and pool_range, on rows of whole vectors and a
+    remainder, with an odd last column and row (zeroed), and on rows
+    narrower than a vector, both give the reference's gradients and the
+    same bits."""
+    lanes = VECTOR_BYTES // np.dtype(dtype).itemsize
+    cases = itertools.product(VALUES, range(1, 5),
+                              (4 * lanes + 6, 4 * lanes + 5, lanes - 2),
+                              (6, 7))
+    for seed, (values, k, width, height) in enumerate(cases):
+        x = array_of(values, (2, 3, height, width), dtype, 600 + seed)
+        w = _weights(np.random.default_rng(seed), 3, k, seed % 2 == 1)
+        p = _problem(x, w, "NCHW", dict(kernel_size=2))
+        gy = array_of("normal", p.out_shape, dtype, 700 + seed)
+        grads = []
+        for vectors in (True, False):
+            monkeypatch.setattr(engine, "_BACKWARD_NCHW_VECTORS", vectors)
+            grads.append(engine.backward(gy, x, w, p))
+        (gx, gw), (gx_loop, gw_loop) = grads
+        what = f"{values} k={k} {height}x{width}"
+        gx_ref, gw_ref = reference.backward(gy, x, w, p)
+        assert_close(gx, gx_ref, dtype,
+                     tolerance_scale("grad_x", x, w, gy, p.weighting, 4),
+                     what)
+        assert_close(gw, gw_ref, dtype,
+                     tolerance_scale("grad_w", x, w, gy, p.weighting), what)
+        assert _bits(gx) == _bits(gx_loop), what
+        assert _bits(gw) == _bits(gw_loop), what
 
 
 def test_channel_block_sizes():

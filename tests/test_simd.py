@@ -8,8 +8,8 @@ import pytest
 from numba import njit
 
 from sortpool_ref._simd import (VECTOR_BYTES, any_lane, full, lanes, load,
-                                prefetch, prefetch_write, select, store,
-                                transpose, zeros)
+                                load_pairs, prefetch, prefetch_write, select,
+                                store, store_pairs, transpose, zeros)
 
 POOL = np.array([np.nan, np.inf, -np.inf, 1.0, -1.0, 0.0, -0.0, 2.5, 1e-30])
 
@@ -127,6 +127,74 @@ def test_transpose_moves_a_tile(dtype):
             want[j:], (lanes, lanes),
             (dst_step * dst.itemsize, dst.itemsize))[...] = tile.T
         np.testing.assert_array_equal(dst.view(uint), want.view(uint))
+
+
+@njit
+def _pairs(src, i, dst, j):
+    """load_pairs at src.flat[i], the two vectors stored at dst.flat[j]
+    and dst.flat[j + lanes], then stored back interleaved by store_pairs
+    at dst.flat[j + 2 lanes]."""
+    even, odd = load_pairs(src, i)
+    store(dst, j, even)
+    store(dst, j + lanes(dst), odd)
+    store_pairs(dst, j + 2 * lanes(dst), even, odd)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_pairs_split_and_interleave(dtype):
+    """load_pairs splits 2 lanes elements at any offset into the even and
+    the odd ones, store_pairs interleaves them back, bit for bit (NaN
+    payloads, signed zeros); nothing else is written."""
+    lanes = VECTOR_BYTES // np.dtype(dtype).itemsize
+    uint = f"u{np.dtype(dtype).itemsize}"
+    rng = np.random.default_rng(2)
+    for i, j in ((0, 0), (3, 5), (1, 2 * lanes + 1)):
+        bits = rng.integers(0, np.iinfo(uint).max, endpoint=True,
+                            size=i + 2 * lanes + 3, dtype=uint)
+        bits[i + 1] = 0x7FC00123 if uint == "u4" else 0x7FF8000000000123
+        src = bits.view(dtype)
+        src[i + 2] = -0.0
+        dst = np.full(j + 4 * lanes + 2, 7.0, dtype)
+        _pairs(src, i, dst, j)
+        run = src[i:i + 2 * lanes]
+        want = np.full_like(dst, 7.0)
+        want[j:j + lanes] = run[0::2]
+        want[j + lanes:j + 2 * lanes] = run[1::2]
+        want[j + 2 * lanes:j + 4 * lanes] = run
+        np.testing.assert_array_equal(dst.view(uint), want.view(uint))
+
+
+@njit
+def _mask_logic(a, b, out):
+    """out rows: a where (a < b) & (a == a), where ~(a >= b), where
+    ~(a == a) | (a < b); 0 elsewhere."""
+    va = load(a, 0)
+    vb = load(b, 0)
+    zero = zeros(a)
+    store(out, 0, select((va < vb) & (va == va), va, zero))
+    store(out, lanes(a), select(~(va >= vb), va, zero))
+    store(out, 2 * lanes(a), select(~(va == va) | (va < vb), va, zero))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_mask_logic(dtype):
+    """&, ~ and | of masks, lane by lane, as NumPy's on the comparisons
+    (NaN compares false, so ~(a >= b) holds where either is NaN)."""
+    lanes = VECTOR_BYTES // np.dtype(dtype).itemsize
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        a = POOL[rng.integers(0, len(POOL), size=lanes)].astype(dtype)
+        b = POOL[rng.integers(0, len(POOL), size=lanes)].astype(dtype)
+        out = np.full(3 * lanes, 7.0, dtype)
+        _mask_logic(a, b, out)
+        zero = np.zeros(lanes, dtype)
+        with np.errstate(invalid="ignore"):
+            want = [np.where((a < b) & (a == a), a, zero),
+                    np.where(~(a >= b), a, zero),
+                    np.where(~(a == a) | (a < b), a, zero)]
+        uint = f"u{a.itemsize}"
+        for got, exp in zip(out.reshape(3, lanes), want):
+            np.testing.assert_array_equal(got.view(uint), exp.view(uint))
 
 
 @njit
