@@ -46,10 +46,11 @@ Kernels and where they run (docs/performance.md has the measurements):
   windows of the NCHW 2x2 kernel (and NCHW 3x3 windows with no position
   present, should a geometry have them).
 * NCHW backward, 2x2 stride 2 with every window inside the input: one
-  (sample, channel) plane per task, innermost loop over the output
-  columns, in explicit vectors of them (_simd.load_pairs and
-  store_pairs) where a row fills at least one. Its grad_w is summed in another order than the NHWC kernel's
-  (equal to rounding); y and grad_x are bit-identical across layouts.
+  (sample, channel) plane per task, innermost loop over the output columns,
+  in explicit vectors of them (_simd.load_pairs and store_pairs) where a row
+  fills at least one. Its grad_w is summed in another order than the NHWC
+  kernel's (equal to rounding); y and grad_x are bit-identical across
+  layouts.
 * NCHW backward, every other geometry, where the channels fill whole
   64-byte vectors: one task per sample and block of channels moves the
   block's planes of x and grad_y into channels-last scratch (tiles
@@ -2214,14 +2215,14 @@ def _row_2x2_nchw(x0, x1, yr, lo, hi, sw, pl, dw, p0, p1, p2, p3, kk):
 @njit(inline="always")
 def _row_2x2_nchw_simd(x, i0, i1, y, yo, count, p, kk):
     """_row_2x2_nchw for stride 2, no dilation, in explicit vectors
-    (_simd), the outputs y.flat[yo:yo + count] rounded down to whole
-    vectors: window t's columns are x.flat[i0 + 2 t] and the next in its
-    top row, from x.flat[i1 + 2 t] in its bottom row, split into even
-    and odd columns by load_pairs; p holds kk weights as vectors. The
-    same network, products and sums as the loop form, bit for bit.
-    Returns how many outputs it wrote: all count of them when there is at
-    least one vector's worth (the last vector overlaps the one before,
-    rather than leave a remainder to a scalar loop), else none."""
+    (_simd), the outputs y.flat[yo:yo + count]: window t's columns are
+    x.flat[i0 + 2 t] and the next in its top row, from x.flat[i1 + 2 t]
+    in its bottom row, split into even and odd columns by load_pairs; p
+    holds kk weights as vectors. The same network, products and sums as
+    the loop form, bit for bit. Returns how many outputs it wrote: all
+    count of them when there is at least one vector's worth (the last
+    vector overlaps the one before, rather than leave a remainder to a
+    scalar loop), else none."""
     nan = full(x, np.nan)
     nl = lanes(x)
     if count < nl:
@@ -2241,8 +2242,9 @@ def _row_2x2_nchw_simd(x, i0, i1, y, yo, count, p, kk):
 @njit(cache=True)
 def _fwd_plane_nchw(x, n, c, tb, k, geo, bnd, y, vectors, kk):
     """One (sample, channel) plane, compiled once per literal pool_range;
-    vectors: whether stride-2 rows run in explicit vectors
-    (_row_2x2_nchw_simd) before the loop form takes the rest."""
+    vectors: whether the interior windows of stride-2 rows run in
+    explicit vectors (_row_2x2_nchw_simd), where a row has at least a
+    vector's worth of them (else the loop form runs them)."""
     literally(kk)
     (kh, kw, sh, sw, dh, dw, pt, pb, pl, pr, has_pad, pad_value) = geo
     oh_lo, oh_hi, ow_lo, ow_hi = bnd
@@ -2382,10 +2384,11 @@ def _sort_row_3x3_nchw(r0, r1, r2, yr, sw, dw, p0, p1, p2, p3, p4, p5, p6,
 @njit(inline="always")
 def _row_3x3_nchw_simd(rows, y, yo, count, p, kk):
     """_sort_row_3x3_nchw for stride 2, no dilation, in explicit vectors
-    (_simd): y.flat[yo:yo + count] from the padded rows (3, span) rows;
-    window t's columns 2 t, 2 t + 1 by load_pairs, column 2 t + 2 as the
-    even ones from 2 t + 2 (which reads one element past the last window:
-    rows has a column to spare). p holds kk weights as vectors. The same
+    (_simd): y.flat[yo:yo + count] from the padded rows, rows of shape
+    (3, span + 1) (span = rows.shape[1] here); window t's columns 2 t,
+    2 t + 1 by load_pairs, column 2 t + 2 as the even ones from 2 t + 2
+    (which reads one element past the last window: the rows have a
+    column to spare). p holds kk weights as vectors. The same
     network, products and sums as the loop form, bit for bit. Returns how
     many outputs it wrote, all or none, as _row_2x2_nchw_simd."""
     nan = full(rows, np.nan)
@@ -2453,8 +2456,9 @@ def _fwd_plane_nchw_3x3(x, n, c, tb, k, geo, bnd, y, vectors, kk):
     k largest values are the same values, and the table row is that of k
     ranks); windows that keep fewer (borders, with large k) are redone one
     by one from the padded rows (_edge_3x3_nchw). vectors: whether rows
-    of stride 2 run in explicit vectors (_row_3x3_nchw_simd) before the
-    loop form takes the rest."""
+    of stride 2 run in explicit vectors (_row_3x3_nchw_simd), where a row
+    has at least a vector's worth of windows (else the loop form runs
+    them)."""
     literally(kk)
     (kh, kw, sh, sw, dh, dw, pt, pb, pl, pr, has_pad, pad_value) = geo
     oh_lo, oh_hi, ow_lo, ow_hi = bnd
@@ -3000,19 +3004,20 @@ _BACKWARD_NCHW_VECTORS = True
 def _forward_vectors() -> bool:
     """Whether the NHWC forward's register paths (and the NCHW forward by
     blocks, which runs them) use explicit vectors where the channels fill
-    whole ones, or loops over channels: the same bits, only their speed
-    differs. Explicit vectors: on the Intel Xeon machines of the earlier
-    benchmarks they were faster (3x3, k = 1 / 2 / 4 / 9: 1.15 / 1.19 /
-    1.32 / 1.52 times the floor against 1.20 / 1.39 / 1.61 / 2.01), and
-    on an AMD EPYC (LLVM's znver5), where the loops had been faster until
-    the register paths prefetched, side by side in one process after
-    that: 3x3 float32 k = 1 / 2 / 3 / 4 / 9 0.88-0.91 / 0.93-0.95 / 0.94-
-    0.95 / 1.03 / 1.07-1.10 against 0.96-0.97 / 1.00 / 1.05-1.08 / 1.08-
-    1.09 / 1.20-1.22, float64 1-3% faster, 2x2 the same, NCHW by blocks
-    float32 k = 6 / 9 1.30 / 1.32 against 1.33 / 1.38, float64 k = 1 / 4
-    / 9 1.11 / 1.19 / 1.32 against 1.23 / 1.30 / 1.41 (docs/
-    performance.md, thirteenth round). A run-time argument of the
-    kernels: either form runs without a new compile."""
+    whole ones, or loops over channels, and whether the NCHW forwards'
+    stride-2 rows run in explicit vectors of output columns: the same bits,
+    only their speed differs. Explicit vectors: on the Intel Xeon machines
+    of the earlier benchmarks they were faster (3x3, k = 1 / 2 / 4 / 9:
+    1.15 / 1.19 / 1.32 / 1.52 times the floor against 1.20 / 1.39 / 1.61 /
+    2.01), and on an AMD EPYC (LLVM's znver5), where the loops had been
+    faster until the register paths prefetched, side by side in one process
+    after that: 3x3 float32 k = 1 / 2 / 3 / 4 / 9 0.88-0.91 / 0.93-0.95 /
+    0.94-0.95 / 1.03 / 1.07-1.10 against 0.96-0.97 / 1.00 / 1.05-1.08 /
+    1.08-1.09 / 1.20-1.22, float64 1-3% faster, 2x2 the same, NCHW by
+    blocks float32 k = 6 / 9 1.30 / 1.32 against 1.33 / 1.38, float64 k = 1
+    / 4 / 9 1.11 / 1.19 / 1.32 against 1.23 / 1.30 / 1.41 (docs/
+    performance.md, thirteenth round). A run-time argument of the kernels:
+    either form runs without a new compile."""
     if _FORWARD_VECTORS is not None:
         return _FORWARD_VECTORS
     return True
@@ -3029,7 +3034,8 @@ def _forward_vectors() -> bool:
 # / 1.44-1.45 / 1.42 against 1.19 / 1.27 / 1.34 / 1.40-1.43 / 1.54-1.59 /
 # 1.43 per plane (ratios to the NHWC floor): float32 by blocks from 6.
 # Since the plane kernel runs rows of stride 2 without dilation in
-# explicit vectors (_row_3x3_nchw_simd), those run per plane at every
+# explicit vectors (_row_3x3_nchw_simd; with _forward_vectors, for rows
+# of at least a vector of windows), those run per plane at every
 # pool_range (the second key: rows in vectors; 10: never by blocks):
 # side by side on the Intel Xeon, float32 k = 1 / 4 / 5 / 6 / 7 / 9
 # 1.25 / 1.39 / 1.51 / 1.61 / 1.90 / 1.86 times the NCHW floor per plane
@@ -3063,7 +3069,9 @@ def forward(x: np.ndarray, w: np.ndarray, p: Problem,
     else:
         if y is None:
             y = np.empty((p.batch, p.channels, g.out_h, g.out_w), p.dtype)
-        rows_in_vectors = (g.stride_w, g.dilation_w) == (2, 1)
+        rows_in_vectors = ((g.stride_w, g.dilation_w) == (2, 1)
+                           and _forward_vectors() and g.out_w
+                           >= VECTOR_BYTES // p.dtype.itemsize)
         block = (_channel_block(p) if kind == 3 and p.pool_range
                  >= _NCHW_BLOCKS_FROM[p.dtype.itemsize, rows_in_vectors]
                  else 0)

@@ -646,6 +646,7 @@ def test_nchw_3x3_forward_by_channel_blocks(dtype, monkeypatch):
 ROW_VECTOR_GEOMETRIES = {
     "2x2": dict(kernel_size=2),
     "2x2 p1 pad=-0.5": dict(kernel_size=2, padding=1, pad_value=-0.5),
+    "2x2 s(1,2) ceil": dict(kernel_size=2, stride=(1, 2), ceil_mode=True),
     "3x3 s2 p1": dict(kernel_size=3, stride=2, padding=1),
     "3x3 s2 p1 pad=0": dict(kernel_size=3, stride=2, padding=1,
                             pad_value=0.0),
@@ -662,15 +663,17 @@ def test_nchw_forward_rows_in_vectors(name, dtype, monkeypatch):
     vectors of output columns (engine._row_2x2_nchw_simd,
     engine._row_3x3_nchw_simd; the last vector of a row overlaps the one
     before it) and otherwise in loops (engine._FORWARD_VECTORS forces
-    one form): for every kind of values and pool_range, on rows of two
-    vectors and a remainder and on rows narrower than a vector, both
-    forms give the reference's y and the same bits, and the NHWC
-    forward's numbers."""
+    one form): for every kind of values and pool_range, on rows of about
+    one vector, one and a bit, two, and four and a remainder, and on rows
+    narrower than a vector, both forms give the reference's y and the
+    same bits, and the NHWC forward's numbers; written into an out=
+    array, nothing past its end is touched."""
     geo = ROW_VECTOR_GEOMETRIES[name]
     lanes = VECTOR_BYTES // np.dtype(dtype).itemsize
     window = np.prod(np.broadcast_to(geo["kernel_size"], 2))
-    cases = itertools.product(VALUES, range(1, window + 1),
-                              (4 * lanes + 5, lanes - 3))
+    widths = (2 * lanes, 2 * lanes + 2, 4 * lanes + 1, 8 * lanes + 11,
+              lanes - 3)
+    cases = itertools.product(VALUES, range(1, window + 1), widths)
     for seed, (values, k, width) in enumerate(cases):
         # Three channels: never whole vectors, so never by blocks.
         x = array_of(values, (2, 3, 5, width), dtype, 500 + seed)
@@ -684,6 +687,11 @@ def test_nchw_forward_rows_in_vectors(name, dtype, monkeypatch):
         assert_close(ys[0], reference.forward(x, w, p), dtype,
                      tolerance_scale("y", x, w), what)
         assert _bits(ys[0]) == _bits(ys[1]), what
+        tail = np.full(2 * lanes, 7.0, dtype)
+        buf = np.concatenate([np.zeros(ys[0].size, dtype), tail])
+        engine.forward(x, w, p, out=buf[:ys[0].size].reshape(ys[0].shape))
+        assert _bits(buf[:ys[0].size]) == _bits(ys[0]), what
+        assert _bits(buf[ys[0].size:]) == _bits(tail), what
         # The same numbers as the NHWC forward, whose border windows take
         # another path: a zero result's sign may differ (see
         # docs/numerics.md; the networks are not stable among ties).
@@ -699,14 +707,15 @@ def test_nchw_2x2_backward_rows_in_vectors(dtype, monkeypatch):
     output columns (engine._bwd_row_2x2_nchw_simd; the last vector of a
     row overlaps the one before, whose columns' block sums it must not
     add twice) or in loops (engine._BACKWARD_NCHW_VECTORS): for every
-    kind of values and pool_range, on rows of whole vectors and a
-    remainder, with an odd last column and row (zeroed), and on rows
-    narrower than a vector, both give the reference's gradients and the
-    same bits."""
+    kind of values and pool_range, on rows of one vector, one and one
+    column, two, and four and a remainder, with an odd last column and
+    row (zeroed), and on rows narrower than a vector, both give the
+    reference's gradients and the same bits; written into an out= array,
+    nothing past its end is touched."""
     lanes = VECTOR_BYTES // np.dtype(dtype).itemsize
-    cases = itertools.product(VALUES, range(1, 5),
-                              (4 * lanes + 6, 4 * lanes + 5, lanes - 2),
-                              (6, 7))
+    widths = (2 * lanes, 2 * lanes + 2, 4 * lanes, 8 * lanes + 6,
+              8 * lanes + 5, lanes - 2)
+    cases = itertools.product(VALUES, range(1, 5), widths, (6, 7))
     for seed, (values, k, width, height) in enumerate(cases):
         x = array_of(values, (2, 3, height, width), dtype, 600 + seed)
         w = _weights(np.random.default_rng(seed), 3, k, seed % 2 == 1)
@@ -726,6 +735,12 @@ def test_nchw_2x2_backward_rows_in_vectors(dtype, monkeypatch):
                      tolerance_scale("grad_w", x, w, gy, p.weighting), what)
         assert _bits(gx) == _bits(gx_loop), what
         assert _bits(gw) == _bits(gw_loop), what
+        tail = np.full(2 * lanes, 7.0, dtype)
+        buf = np.concatenate([np.zeros(x.size, dtype), tail])
+        engine.backward(gy, x, w, p,
+                        out=(buf[:x.size].reshape(x.shape), None))
+        assert _bits(buf[:x.size]) == _bits(gx), what
+        assert _bits(buf[x.size:]) == _bits(tail), what
 
 
 def test_channel_block_sizes():
