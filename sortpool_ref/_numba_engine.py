@@ -1083,6 +1083,41 @@ def _at_rank(f, r0, r1, r2, a0, a1, a2, a3):
     return select(r0 == f, a0, select(r1 == f, a1, select(r2 == f, a2, a3)))
 
 
+@njit(inline="always")
+def _vector_ranks4(a0, a1, a2, a3, zero, one, nan_aware):
+    """The stable ranks (0 = highest) of 4 vectors, lane by lane, as
+    vectors of floats (as _ranks4; zero and one: vectors of 0 and 1).
+    nan_aware is a constant at every call: False (for vectors known to
+    hold no NaN) makes one comparison per pair."""
+    if nan_aware:
+        n0 = a0 != a0
+        n1 = a1 != a1
+        n2 = a2 != a2
+        # bST: position S (earlier) ranks above position T (later).
+        b01 = n0 | (a0 >= a1)
+        b02 = n0 | (a0 >= a2)
+        b03 = n0 | (a0 >= a3)
+        b12 = n1 | (a1 >= a2)
+        b13 = n1 | (a1 >= a3)
+        b23 = n2 | (a2 >= a3)
+    else:
+        b01 = a0 >= a1
+        b02 = a0 >= a2
+        b03 = a0 >= a3
+        b12 = a1 >= a2
+        b13 = a1 >= a3
+        b23 = a2 >= a3
+    r0 = (select(b01, zero, one) + select(b02, zero, one)
+          + select(b03, zero, one))
+    r1 = (select(b01, one, zero) + select(b12, zero, one)
+          + select(b13, zero, one))
+    r2 = (select(b02, one, zero) + select(b12, one, zero)
+          + select(b23, zero, one))
+    r3 = (select(b03, one, zero) + select(b13, one, zero)
+          + select(b23, one, zero))
+    return r0, r1, r2, r3
+
+
 @njit
 def _prefetch_window(x, gy, gx, xt, gt, ws, rs, cs, channels, rows, ahead):
     """Prefetch for the vector backwards (see _PREFETCH_AHEAD) the window
@@ -1104,12 +1139,12 @@ def _windows_2x2_simd(x, gy, tpad, gx, part, acc, xo, go, ws, count, rs, cs,
                       overwrite, in_block, k, ahead):
     """_bwd_2x2_nhwc in explicit vectors (_simd): count windows inside the
     input, all channels, flat indices and block sums as for
-    _windows_3x3_simd. Ranks from
-    the 6 pairwise comparisons (NaN-aware, earlier position first on
-    ties), each position's weight from the zero-padded table by a chain of
-    selects, and the ranked values for the block sums (all four ranks, as
-    in _bwd_2x2_nhwc) by picking the position of each rank: the same
-    numbers as the loop form, bit for bit."""
+    _windows_3x3_simd. Ranks from the 6 pairwise comparisons
+    (_vector_ranks4: NaN-aware, earlier position first on ties), each
+    position's weight from the zero-padded table by a chain of selects,
+    and the ranked values for the block sums (all four ranks, as in
+    _bwd_2x2_nhwc) by picking the position of each rank: the same numbers
+    as the loop form, bit for bit."""
     channels = tpad.shape[1]
     nl = lanes(x)
     zero = zeros(tpad)
@@ -1126,24 +1161,7 @@ def _windows_2x2_simd(x, gy, tpad, gx, part, acc, xo, go, ws, count, rs, cs,
             a1 = load(x, o + cs)
             a2 = load(x, o + rs)
             a3 = load(x, o + rs + cs)
-            n0 = a0 != a0
-            n1 = a1 != a1
-            n2 = a2 != a2
-            # bST: position S (earlier) ranks above position T (later).
-            b01 = n0 | (a0 >= a1)
-            b02 = n0 | (a0 >= a2)
-            b03 = n0 | (a0 >= a3)
-            b12 = n1 | (a1 >= a2)
-            b13 = n1 | (a1 >= a3)
-            b23 = n2 | (a2 >= a3)
-            r0 = (select(b01, zero, one) + select(b02, zero, one)
-                  + select(b03, zero, one))
-            r1 = (select(b01, one, zero) + select(b12, zero, one)
-                  + select(b13, zero, one))
-            r2 = (select(b02, one, zero) + select(b12, one, zero)
-                  + select(b23, zero, one))
-            r3 = (select(b03, one, zero) + select(b13, one, zero)
-                  + select(b23, one, zero))
+            r0, r1, r2, r3 = _vector_ranks4(a0, a1, a2, a3, zero, one, True)
             g = load(gy, gt + i)
             q0 = load(tpad, i)
             q1 = load(tpad, channels + i)
@@ -2659,33 +2677,12 @@ def _bwd_row_2x2_nchw_simd(x, i0, gy, go, gx, scr, count, p, iota):
         a2, a3 = load_pairs(x, o + x.shape[3])
         g = load(gy, go + t)
         if any_lane(_any_nan4(a0, a1, a2, a3)):
-            n0 = a0 != a0
-            n1 = a1 != a1
-            n2 = a2 != a2
-            # bST: position S (earlier) ranks above position T (later).
-            b01 = n0 | (a0 >= a1)
-            b02 = n0 | (a0 >= a2)
-            b03 = n0 | (a0 >= a3)
-            b12 = n1 | (a1 >= a2)
-            b13 = n1 | (a1 >= a3)
-            b23 = n2 | (a2 >= a3)
+            r0, r1, r2, r3 = _vector_ranks4(a0, a1, a2, a3, zero, one, True)
             v = _sort4(a0, a1, a2, a3)
         else:
-            b01 = a0 >= a1
-            b02 = a0 >= a2
-            b03 = a0 >= a3
-            b12 = a1 >= a2
-            b13 = a1 >= a3
-            b23 = a2 >= a3
+            r0, r1, r2, r3 = _vector_ranks4(a0, a1, a2, a3, zero, one,
+                                            False)
             v = _sort4_nan_free(a0, a1, a2, a3)
-        r0 = (select(b01, zero, one) + select(b02, zero, one)
-              + select(b03, zero, one))
-        r1 = (select(b01, one, zero) + select(b12, zero, one)
-              + select(b13, zero, one))
-        r2 = (select(b02, one, zero) + select(b12, one, zero)
-              + select(b23, zero, one))
-        r3 = (select(b03, one, zero) + select(b13, one, zero)
-              + select(b23, one, zero))
         w0 = _of_rank(r0, zero, one, two, p[0], p[1], p[2], p[3])
         w1 = _of_rank(r1, zero, one, two, p[0], p[1], p[2], p[3])
         w2 = _of_rank(r2, zero, one, two, p[0], p[1], p[2], p[3])

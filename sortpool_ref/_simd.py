@@ -341,31 +341,21 @@ def _compare(op, ordered):
     return compare
 
 
-def _arithmetic(name):
+def _binary(name, cls):
+    """The IR builder's operation name on two values of one type of cls
+    (Vec: fadd, fmul; Mask: or_, and_)."""
     @intrinsic
-    def arithmetic(typingctx, a, b):
-        if not (isinstance(a, Vec) and a == b):
+    def binary(typingctx, a, b):
+        if not (isinstance(a, cls) and a == b):
             return None
 
         def codegen(context, builder, sig, args):
             return getattr(builder, name)(args[0], args[1])
         return a(a, b), codegen
-    return arithmetic
+    return binary
 
 
-def _mask_op(name):
-    @intrinsic
-    def mask_op(typingctx, a, b):
-        if not (isinstance(a, Mask) and a == b):
-            return None
-
-        def codegen(context, builder, sig, args):
-            return getattr(builder, name)(args[0], args[1])
-        return a(a, b), codegen
-    return mask_op
-
-
-_mask_or = _mask_op("or_")
+_mask_or = _binary("or_", Mask)
 
 
 @intrinsic
@@ -397,8 +387,8 @@ _register(operator.lt, _compare("<", True), Vec)
 _register(operator.ge, _compare(">=", True), Vec)
 _register(operator.eq, _compare("==", True), Vec)
 _register(operator.ne, _compare("!=", False), Vec)
-_register(operator.add, _arithmetic("fadd"), Vec)
-_register(operator.mul, _arithmetic("fmul"), Vec)
+_register(operator.add, _binary("fadd", Vec), Vec)
+_register(operator.mul, _binary("fmul", Vec), Vec)
 _register(operator.or_, _mask_or, Mask)
 _register(operator.ior, _mask_or, Mask)
-_register(operator.and_, _mask_op("and_"), Mask)
+_register(operator.and_, _binary("and_", Mask), Mask)

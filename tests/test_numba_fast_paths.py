@@ -260,6 +260,20 @@ def test_vector_paths_match_reference(name, layout, dtype):
     _check_geometry(name, layout, dtype, channels=32, seed=100)
 
 
+def _forward_forms(x, w, p, monkeypatch, what):
+    """engine.forward with the explicit vectors off, then on
+    (engine._FORWARD_VECTORS, left on): the reference's y and the same
+    bits from both. Returns y."""
+    ys = []
+    for vectors in (False, True):
+        monkeypatch.setattr(engine, "_FORWARD_VECTORS", vectors)
+        ys.append(engine.forward(x, w, p))
+    assert_close(ys[1], reference.forward(x, w, p), p.dtype,
+                 tolerance_scale("y", x, w), what)
+    assert _bits(ys[0]) == _bits(ys[1]), what
+    return ys[1]
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
 @pytest.mark.parametrize("name", VECTOR_PATHS)
@@ -282,14 +296,29 @@ def test_forward_forms_give_the_same_bits(name, layout, dtype, monkeypatch):
         x = array_of(values, shape, dtype, 200 + seed)
         w = _weights(np.random.default_rng(seed), channels, k, seed % 2 == 1)
         p = _problem(x, w, layout, geo)
-        ys = []
-        for vectors in (True, False):
-            monkeypatch.setattr(engine, "_FORWARD_VECTORS", vectors)
-            ys.append(engine.forward(x, w, p))
-        what = f"{name} {values} k={k}"
-        assert_close(ys[0], reference.forward(x, w, p), dtype,
-                     tolerance_scale("y", x, w), what)
-        assert _bits(ys[0]) == _bits(ys[1]), what
+        _forward_forms(x, w, p, monkeypatch, f"{name} {values} k={k}")
+
+
+def _backward_settings(gy, x, w, p, monkeypatch, name, settings, what):
+    """engine.backward with the engine's attribute name set to each of
+    settings in turn (left at the last): the reference's gradients from
+    the last, the same bits from all. Returns the last (grad_x, grad_w).
+    """
+    grads = []
+    for setting in settings:
+        monkeypatch.setattr(engine, name, setting)
+        grads.append(engine.backward(gy, x, w, p))
+    gx, gw = grads[-1]
+    gx_ref, gw_ref = reference.backward(gy, x, w, p)
+    assert_close(gx, gx_ref, p.dtype,
+                 tolerance_scale("grad_x", x, w, gy, p.weighting,
+                                 p.geometry.window_size), what)
+    assert_close(gw, gw_ref, p.dtype,
+                 tolerance_scale("grad_w", x, w, gy, p.weighting), what)
+    for other_gx, other_gw in grads[:-1]:
+        assert _bits(other_gx) == _bits(gx), what
+        assert _bits(other_gw) == _bits(gw), what
+    return gx, gw
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -310,20 +339,8 @@ def test_backward_prefetching_gives_the_same_bits(name, dtype, monkeypatch):
         w = _weights(np.random.default_rng(seed), channels, k, seed % 2 == 1)
         p = _problem(x, w, "NHWC", geo)
         gy = array_of("normal", p.out_shape, dtype, 400 + seed)
-        grads = []
-        for limit in (0, 1 << 62):
-            monkeypatch.setattr(engine, "_PREFETCH_FROM_BYTES", limit)
-            grads.append(engine.backward(gy, x, w, p))
-        (gx, gw), (gx_plain, gw_plain) = grads
-        what = f"{name} {values} k={k}"
-        gx_ref, gw_ref = reference.backward(gy, x, w, p)
-        assert_close(gx, gx_ref, dtype,
-                     tolerance_scale("grad_x", x, w, gy, p.weighting,
-                                     p.geometry.window_size), what)
-        assert_close(gw, gw_ref, dtype,
-                     tolerance_scale("grad_w", x, w, gy, p.weighting), what)
-        assert _bits(gx) == _bits(gx_plain), what
-        assert _bits(gw) == _bits(gw_plain), what
+        _backward_settings(gy, x, w, p, monkeypatch, "_PREFETCH_FROM_BYTES",
+                           (1 << 62, 0), f"{name} {values} k={k}")
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -679,26 +696,20 @@ def test_nchw_forward_rows_in_vectors(name, dtype, monkeypatch):
         x = array_of(values, (2, 3, 5, width), dtype, 500 + seed)
         w = _weights(np.random.default_rng(seed), 3, k, seed % 2 == 1)
         p = _problem(x, w, "NCHW", geo)
-        ys = []
-        for vectors in (True, False):
-            monkeypatch.setattr(engine, "_FORWARD_VECTORS", vectors)
-            ys.append(engine.forward(x, w, p))
         what = f"{name} {values} k={k} width={width}"
-        assert_close(ys[0], reference.forward(x, w, p), dtype,
-                     tolerance_scale("y", x, w), what)
-        assert _bits(ys[0]) == _bits(ys[1]), what
+        y = _forward_forms(x, w, p, monkeypatch, what)
+        # Vectors on: nothing written past the end of an out= array.
         tail = np.full(2 * lanes, 7.0, dtype)
-        buf = np.concatenate([np.zeros(ys[0].size, dtype), tail])
-        engine.forward(x, w, p, out=buf[:ys[0].size].reshape(ys[0].shape))
-        assert _bits(buf[:ys[0].size]) == _bits(ys[0]), what
-        assert _bits(buf[ys[0].size:]) == _bits(tail), what
+        buf = np.concatenate([np.zeros(y.size, dtype), tail])
+        engine.forward(x, w, p, out=buf[:y.size].reshape(y.shape))
+        assert _bits(buf[:y.size]) == _bits(y), what
+        assert _bits(buf[y.size:]) == _bits(tail), what
         # The same numbers as the NHWC forward, whose border windows take
         # another path: a zero result's sign may differ (see
         # docs/numerics.md; the networks are not stable among ties).
         x_nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
         y_nhwc = engine.forward(x_nhwc, w, _problem(x_nhwc, w, "NHWC", geo))
-        np.testing.assert_array_equal(ys[0], y_nhwc.transpose(0, 3, 1, 2),
-                                      what)
+        np.testing.assert_array_equal(y, y_nhwc.transpose(0, 3, 1, 2), what)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -721,20 +732,11 @@ def test_nchw_2x2_backward_rows_in_vectors(dtype, monkeypatch):
         w = _weights(np.random.default_rng(seed), 3, k, seed % 2 == 1)
         p = _problem(x, w, "NCHW", dict(kernel_size=2))
         gy = array_of("normal", p.out_shape, dtype, 700 + seed)
-        grads = []
-        for vectors in (True, False):
-            monkeypatch.setattr(engine, "_BACKWARD_NCHW_VECTORS", vectors)
-            grads.append(engine.backward(gy, x, w, p))
-        (gx, gw), (gx_loop, gw_loop) = grads
         what = f"{values} k={k} {height}x{width}"
-        gx_ref, gw_ref = reference.backward(gy, x, w, p)
-        assert_close(gx, gx_ref, dtype,
-                     tolerance_scale("grad_x", x, w, gy, p.weighting, 4),
-                     what)
-        assert_close(gw, gw_ref, dtype,
-                     tolerance_scale("grad_w", x, w, gy, p.weighting), what)
-        assert _bits(gx) == _bits(gx_loop), what
-        assert _bits(gw) == _bits(gw_loop), what
+        gx, _ = _backward_settings(gy, x, w, p, monkeypatch,
+                                   "_BACKWARD_NCHW_VECTORS", (False, True),
+                                   what)
+        # Vectors on: nothing written past the end of an out= array.
         tail = np.full(2 * lanes, 7.0, dtype)
         buf = np.concatenate([np.zeros(x.size, dtype), tail])
         engine.backward(gy, x, w, p,
