@@ -33,10 +33,10 @@ Kernels and where they run (docs/performance.md has the measurements):
   network, the windows that keep fewer ranks than pool_range. Rows of
   stride 2 without dilation run in explicit vectors of output columns
   (_simd.load_pairs splits two vectors of a row into the windows' even
-  and odd columns). Other 3x3 geometries, with channels that fill whole
-  vectors, run by blocks of channels instead, as the backward below,
-  for float32 pool_range 6-9 and float64 every pool_range
-  (_NCHW_BLOCKS_FROM).
+  and odd columns). Other 3x3 rows (other strides, dilation, fewer
+  windows than a vector), with channels that fill whole vectors, run by
+  blocks of channels instead, as the backward below, for float32
+  pool_range 6-9 and float64 every pool_range (_NCHW_BLOCKS_FROM).
 * channel tile path, NHWC: every other window, any geometry, padding and
   ``pad_value``. Which positions of a window are real, padded or absent is
   the same for every channel, so the window's top-k is built by insertion
