@@ -51,6 +51,14 @@ Kernels and where they run (docs/performance.md has the measurements):
   fills at least one. Its grad_w is summed in another order than the NHWC
   kernel's (equal to rounding); y and grad_x are bit-identical across
   layouts.
+* NCHW backward, 3x3 stride 2 without dilation, pool_range 1-4, rows of at
+  least a vector of windows and of column pairs: one plane per task
+  (_backward_nchw_3x3), each output row's windows in explicit vectors from
+  the forward's padded rows into scratch rows of per-window shares, from
+  which grad_x's rows are stored (nothing is added into grad_x); windows
+  that keep an absent position (or tie with one) are redone one by one.
+  grad_x and grad_w add their shares in another order than the NHWC
+  kernels (equal to rounding).
 * NCHW backward, every other geometry, where the channels fill whole
   64-byte vectors: one task per sample and block of channels moves the
   block's planes of x and grad_y into channels-last scratch (tiles
@@ -2758,6 +2766,283 @@ def _backward_nchw_2x2(x, gy, table, per_channel, k, gx, acc, vectors):
             dst[r, c] = total
 
 
+@njit(inline="always")
+def _weight_of_value(a, v, p, zero, kk):
+    """The weight of the position holding a, given the kk largest values
+    v[0..kk-1] of its window, all distinct, and the weight vectors p: the
+    weight of the value it equals, else 0 (_weight_by_value with the
+    weights in registers)."""
+    w = select(a == v[0], p[0], zero)
+    for r in range(1, kk):
+        w = select(a == v[r], p[r], w)
+    return w
+
+
+@njit(inline="always")
+def _grads_3x3_simd(a, g, p, f, kk):
+    """(g times the weight of each of the 9 positions of a block of 3x3
+    windows, the values of ranks 0-8) for the 9 vectors a in scan order,
+    the windows' g, the 9 weight vectors p (0 from rank pool_range on) and
+    f[r], the vector of r: the three ways of _windows_3x3_simd (ranks from
+    the pairwise comparisons where a lane holds a NaN or a tie among its
+    kk + 1 largest values; else the weight of the kept value a position
+    equals, or for kk = 9 the weights moved back through the network's
+    swaps), with the weights in registers."""
+    v, swaps = _sort9_swaps(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7],
+                            a[8])
+    m = _any_nan9(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8])
+    for r in range(min(kk, 8)):
+        m = m | (v[r] == v[r + 1])
+    if any_lane(m):
+        w, v = _ranked_block_simd(a, p, f)
+    elif kk == 9:
+        return _unsort9(swaps, g * p[0], g * p[1], g * p[2], g * p[3],
+                        g * p[4], g * p[5], g * p[6], g * p[7],
+                        g * p[8]), v
+    else:
+        zero = f[0]
+        w = (_weight_of_value(a[0], v, p, zero, kk),
+             _weight_of_value(a[1], v, p, zero, kk),
+             _weight_of_value(a[2], v, p, zero, kk),
+             _weight_of_value(a[3], v, p, zero, kk),
+             _weight_of_value(a[4], v, p, zero, kk),
+             _weight_of_value(a[5], v, p, zero, kk),
+             _weight_of_value(a[6], v, p, zero, kk),
+             _weight_of_value(a[7], v, p, zero, kk),
+             _weight_of_value(a[8], v, p, zero, kk))
+    return (g * w[0], g * w[1], g * w[2], g * w[3], g * w[4], g * w[5],
+            g * w[6], g * w[7], g * w[8]), v
+
+
+@njit(inline="always")
+def _bwd_row_3x3_nchw_simd(rows, gy, go, s, so, part, sus, count, p, f, k,
+                           iota, kk):
+    """The windows of one output row of a 3x3 stride-2 backward on an NCHW
+    plane, in explicit vectors of output columns (count >= lanes, the
+    last vector overlapping the one before, as _row_3x3_nchw_simd): the
+    values from the padded rows ``rows`` (as the forward's), g from
+    gy.flat[go + t]. Window t's g * weight of position q (scan order) goes
+    to s.flat[so + q * ws + t], or t + 1 for the third column (ws =
+    sus.shape[0]), so that the two windows sharing a column add up
+    element by element; g * the value of rank r is added into the block
+    sums part[r, t]. Lanes whose kept values include -inf (an absent
+    position is kept: a window with fewer positions than pool_range, or a
+    tie with one) are marked in sus (1, else 0) and left out of the block
+    sums, for the caller to redo; returns whether any lane was. p: the
+    9 weight vectors (0 from rank k on), f[r] the vector of r, iota the
+    lanes' numbers."""
+    span = rows.shape[1]
+    ws = sus.shape[0]
+    nl = lanes(rows)
+    zero = f[0]
+    one = f[1]
+    ninf = full(rows, -np.inf)
+    marked = False
+    for b in range(0, count, nl):
+        t = min(b, count - nl)
+        o = 2 * t
+        a0, a1 = load_pairs(rows, o)
+        a2, _ = load_pairs(rows, o + 2)
+        a3, a4 = load_pairs(rows, span + o)
+        a5, _ = load_pairs(rows, span + o + 2)
+        a6, a7 = load_pairs(rows, 2 * span + o)
+        a8, _ = load_pairs(rows, 2 * span + o + 2)
+        g = load(gy, go + t)
+        gw, v = _grads_3x3_simd((a0, a1, a2, a3, a4, a5, a6, a7, a8), g, p,
+                                f, kk)
+        for q in range(9):
+            store(s, so + q * ws + t + (q % 3) // 2, gw[q])
+        bad = v[k - 1] == ninf
+        store(sus, t, select(bad, one, zero))
+        marked |= any_lane(bad)
+        keep = (load(iota, 0) >= full(rows, b - t)) & ~bad
+        for r in range(kk):
+            j = r * ws + t
+            c = load(part, j)
+            store(part, j, select(keep, c + g * v[r], c))
+    return marked
+
+
+@njit
+def _redo_3x3_nchw(x, n, oh, ow, c, g, tb, k, geo, s, so, acc, top,
+                   top_pos):
+    """Window (oh, ow) of plane (n, c) by scalar insertion (_select_top),
+    for the lanes _bwd_row_3x3_nchw_simd marks: its 9 entries of s (laid
+    out as there) are overwritten, and g * the value of each rank goes
+    into acc[n, m, r, c] for its m kept ranks."""
+    (kh, kw, sh, sw, dh, dw, pt, pb, pl, pr, has_pad, pad_value) = geo
+    ws = (s.shape[0] // 18)
+    m = _select_top(x, n, oh, ow, c, k, kh, kw, sh, sw, dh, dw, pt, pb, pl,
+                    pr, has_pad, pad_value, top, top_pos)
+    zero = x.dtype.type(0.0)
+    for q in range(9):
+        s[so + q * ws + ow + (q % 3) // 2] = zero
+    for r in range(m):
+        q = top_pos[r]
+        s[so + q * ws + ow + (q % 3) // 2] = g * tb[m, r]
+        acc[n, m, r, c] += g * top[r]
+
+
+@njit(inline="always")
+def _put_row_3x3_nchw(gx, n, c, h, pairs, pl, s, e0, e1, e2, e3, o0, o1,
+                      four):
+    """Row h of grad_x's plane (n, c),
+    from the window entries in s (see _bwd_row_3x3_nchw_simd): padded
+    column 2 u gets the sum of s.flat[e + u] over the rows e (((e0 + e1)
+    + e2) + e3, or e2 + e3 where four is False), padded column 2 u + 1
+    that of s.flat[o + u] (o0 + o1, or o1); column j of the row is padded
+    column j + pl. Pairs of columns in explicit vectors (pairs = width //
+    2 >= lanes, the last vector overlapping the one before), an odd last
+    column on its own."""
+    nl = lanes(s)
+    width = gx.shape[3]
+    base = ((n * gx.shape[1] + c) * gx.shape[2] + h) * width
+    eo = (pl + 1) // 2
+    oo = pl // 2
+    for b in range(0, pairs, nl):
+        t = min(b, pairs - nl)
+        i = t + eo
+        j = t + oo
+        if four:
+            e = (((load(s, e0 + i) + load(s, e1 + i)) + load(s, e2 + i))
+                 + load(s, e3 + i))
+            o = load(s, o0 + j) + load(s, o1 + j)
+        else:
+            e = load(s, e2 + i) + load(s, e3 + i)
+            o = load(s, o1 + j)
+        if pl % 2 == 0:
+            store_pairs(gx, base + 2 * t, e, o)
+        else:
+            store_pairs(gx, base + 2 * t, o, e)
+    last = 2 * pairs
+    if last < width:
+        u = (last + pl) // 2
+        if (last + pl) % 2 == 0:
+            if four:
+                v = ((s[e0 + u] + s[e1 + u]) + s[e2 + u]) + s[e3 + u]
+            else:
+                v = s[e2 + u] + s[e3 + u]
+        elif four:
+            v = s[o0 + u] + s[o1 + u]
+        else:
+            v = s[o1 + u]
+        gx[n, c, h, last] = v
+
+
+@njit(cache=True)
+def _bwd_plane_nchw_3x3(x, gy, n, c, tb, k, geo, gx, acc, kk):
+    """One (sample, channel) plane of a 3x3 stride-2 backward without
+    dilation (any padding, pad_value, ceil_mode), pool_range 1-4. Per
+    output row: its three
+    input rows into padded scratch rows (as the forward), every window
+    in explicit vectors (_bwd_row_3x3_nchw_simd) into per-window entries
+    of a scratch row set (two sets, this row's and the previous one's),
+    the windows it marks redone one by one (_redo_3x3_nchw), then the
+    grad_x rows this output row completes stored from the entries: the
+    row it shares with the previous output row (((previous row's third
+    window row: two entries) + this row's first: two), the middle one,
+    and after the last output row its third; rows below no window are
+    zeroed. Needs at least a vector of output columns and of column
+    pairs."""
+    literally(kk)
+    (kh, kw, sh, sw, dh, dw, pt, pb, pl, pr, has_pad, pad_value) = geo
+    height = x.shape[2]
+    width = x.shape[3]
+    out_h = gy.shape[2]
+    out_w = gy.shape[3]
+    channels = x.shape[1]
+    pairs = width // 2
+    span = 2 * out_w + 1
+    rows = np.empty((3, span + 1), dtype=x.dtype)
+    ws = max(out_w + 1, pairs + (pl + 1) // 2 + 1)
+    s = np.zeros(18 * ws, dtype=x.dtype)
+    sus = np.zeros(ws, dtype=x.dtype)
+    part = np.zeros((9, ws), dtype=x.dtype)
+    accv = np.zeros((k, ws))
+    iota = np.arange(lanes(x)).astype(x.dtype)
+    top = np.empty(k, dtype=x.dtype)
+    top_pos = np.empty(k, dtype=np.int64)
+    zero = zeros(x)
+    f = (zero, full(x, 1.0), full(x, 2.0), full(x, 3.0), full(x, 4.0),
+         full(x, 5.0), full(x, 6.0), full(x, 7.0), full(x, 8.0))
+    # The weights as vectors, 0 from rank k on.
+    wk = np.zeros(9, dtype=x.dtype)
+    wk[:k] = tb[k]
+    pv = (full(x, wk[0]), full(x, wk[1]), full(x, wk[2]), full(x, wk[3]),
+          full(x, wk[4]), full(x, wk[5]), full(x, wk[6]), full(x, wk[7]),
+          full(x, wk[8]))
+    for oh in range(out_h):
+        h0 = 2 * oh - pt
+        _padded_row(x, n, c, h0, pt, pb, pl, pr, has_pad, pad_value,
+                    rows[0])
+        _padded_row(x, n, c, h0 + 1, pt, pb, pl, pr, has_pad, pad_value,
+                    rows[1])
+        _padded_row(x, n, c, h0 + 2, pt, pb, pl, pr, has_pad, pad_value,
+                    rows[2])
+        cur = (oh % 2) * 9 * ws
+        prev = 9 * ws - cur
+        go = ((n * channels + c) * out_h + oh) * out_w
+        if _bwd_row_3x3_nchw_simd(rows, gy, go, s, cur, part, sus, out_w,
+                                  pv, f, k, iota, kk):
+            for ow in range(out_w):
+                if sus[ow] != 0:
+                    _redo_3x3_nchw(x, n, oh, ow, c, gy[n, c, oh, ow], tb, k,
+                                   geo, s, cur, acc, top, top_pos)
+        if h0 >= 0 and h0 < height:
+            if oh > 0:
+                _put_row_3x3_nchw(gx, n, c, h0, pairs, pl, s,
+                                  prev + 8 * ws, prev + 6 * ws,
+                                  cur + 2 * ws, cur, prev + 7 * ws,
+                                  cur + ws, True)
+            else:
+                _put_row_3x3_nchw(gx, n, c, h0, pairs, pl, s,
+                                  0, 0, cur + 2 * ws, cur, 0, cur + ws,
+                                  False)
+        if h0 + 1 >= 0 and h0 + 1 < height:
+            _put_row_3x3_nchw(gx, n, c, h0 + 1, pairs, pl, s,
+                              0, 0, cur + 5 * ws, cur + 3 * ws, 0,
+                              cur + 4 * ws, False)
+        if (oh + 1) % _BLOCK == 0 or oh + 1 == out_h:
+            _flush_partials(part, accv, k)
+    h = 2 * out_h - pt
+    if h >= 0 and h < height:
+        last = ((out_h - 1) % 2) * 9 * ws
+        _put_row_3x3_nchw(gx, n, c, h, pairs, pl, s, 0, 0,
+                          last + 8 * ws, last + 6 * ws, 0, last + 7 * ws,
+                          False)
+    dz = x.dtype.type(0.0)
+    for hz in range(max(0, h + 1), height):
+        gr = gx[n, c, hz]
+        for j in range(width):
+            gr[j] = dz
+    dst = acc[n, k]
+    for r in range(k):
+        total = 0.0
+        a = accv[r]
+        for i in range(ws):
+            total += a[i]
+        dst[r, c] += total
+
+
+@njit(parallel=True, cache=True)
+def _backward_nchw_3x3(x, gy, table, per_channel, k, kh, kw, sh, sw, dh, dw,
+                       pt, pb, pl, pr, has_pad, pad_value, gx, acc):
+    """3x3 stride-2 backward without dilation of NCHW arrays, one task per
+    (sample, channel) plane (_bwd_plane_nchw_3x3); acc[n, m, r, c] gets
+    the plane's weight-gradient partial sums, so results do not depend on
+    the thread count."""
+    geo = (kh, kw, sh, sw, dh, dw, pt, pb, pl, pr, has_pad, pad_value)
+    channels = x.shape[1]
+    for t in prange(x.shape[0] * channels):
+        n = t // channels
+        c = t - n * channels
+        tb = table[c if per_channel else 0]
+        if k <= 2:
+            _bwd_plane_nchw_3x3(x, gy, n, c, tb, k, geo, gx, acc, 2)
+        else:
+            _bwd_plane_nchw_3x3(x, gy, n, c, tb, k, geo, gx, acc, 4)
+
+
 # --------------------------------------------------------------------------
 # Host side
 # --------------------------------------------------------------------------
@@ -3142,9 +3427,17 @@ def backward(grad_y: np.ndarray, x: np.ndarray, w: np.ndarray,
     # NCHW backward runs the NHWC kernels on a channels-last copy.
     memory = "NHWC"
     block = 0
+    planes_3x3 = False
     if _memory_layout(x, p.layout) == "NCHW" and p.channels:
         memory = "NCHW"
-        if not (kind == 2 and (g.stride_h, g.stride_w) == (2, 2)
+        per_vector = VECTOR_BYTES // p.dtype.itemsize
+        planes_3x3 = (_BACKWARD_NCHW_VECTORS and kind == 3 and k <= 4
+                      and (g.stride_h, g.stride_w) == (2, 2)
+                      and (g.dilation_h, g.dilation_w) == (1, 1)
+                      and g.out_w >= per_vector
+                      and g.width // 2 >= per_vector)
+        if not (planes_3x3 or kind == 2
+                and (g.stride_h, g.stride_w) == (2, 2)
                 and (g.dilation_h, g.dilation_w) == (1, 1)
                 and (oh_lo, oh_hi, ow_lo, ow_hi)
                 == (0, g.out_h, 0, g.out_w)):
@@ -3186,7 +3479,10 @@ def backward(grad_y: np.ndarray, x: np.ndarray, w: np.ndarray,
     else:
         acc = np.zeros((n_chunks, k + 1, k, p.channels))
     if memory == "NCHW" and not block:
-        if gx.size and rows:
+        if gx.size and rows and planes_3x3:
+            _backward_nchw_3x3(xm, gym, table, p.per_channel, k,
+                               *_geometry_args(p), gx, acc)
+        elif gx.size and rows:
             _backward_nchw_2x2(xm, gym, table, p.per_channel, k, gx, acc,
                                _BACKWARD_NCHW_VECTORS)
     elif gx.size and rows:

@@ -745,6 +745,98 @@ def test_nchw_2x2_backward_rows_in_vectors(dtype, monkeypatch):
         assert _bits(buf[x.size:]) == _bits(tail), what
 
 
+
+# 3x3 stride-2 geometries of the NCHW backward by planes: absent padding
+# (windows that keep -inf from an absent position are redone one by one),
+# valued padding, none, 'same' (padding on the right and bottom only) and
+# ceil_mode windows past the padding that keep fewer ranks than k.
+PLANE_BACKWARD_GEOMETRIES = {
+    "3x3 s2 p1": dict(kernel_size=3, stride=2, padding=1),
+    "3x3 s2 p1 pad=0": dict(kernel_size=3, stride=2, padding=1,
+                            pad_value=0.0),
+    "3x3 s2": dict(kernel_size=3, stride=2),
+    "3x3 s2 same": dict(kernel_size=3, stride=2, padding="same"),
+    "3x3 s2 p1 ceil": dict(kernel_size=3, stride=2, padding=1,
+                           ceil_mode=True),
+}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", PLANE_BACKWARD_GEOMETRIES)
+def test_nchw_3x3_backward_by_planes(name, dtype, monkeypatch):
+    """The NCHW 3x3 stride-2 backward for pool_range 1-4 runs one plane per
+    task (engine._backward_nchw_3x3) where a row has a vector of output
+    columns and of column pairs: for every kind of values (and inputs
+    full of -inf, whose windows are redone one by one), every pool_range,
+    shared and per-channel weights, rows of one vector, one and a bit and
+    several with odd widths, it gives the reference's gradients and the
+    NHWC kernels' numbers (to rounding: grad_x adds the overlapping
+    windows' shares in another order), the same bits on a second call,
+    and the same bits written into an out= array full of NaN, with
+    nothing past its end touched."""
+    geo = PLANE_BACKWARD_GEOMETRIES[name]
+    lanes = VECTOR_BYTES // np.dtype(dtype).itemsize
+    calls = []
+    planes = engine._backward_nchw_3x3
+
+    def counted(*args):
+        calls.append(args)
+        return planes(*args)
+
+    monkeypatch.setattr(engine, "_backward_nchw_3x3", counted)
+    widths = (2 * lanes, 2 * lanes + 1, 2 * lanes + 3, 4 * lanes + 5,
+              8 * lanes + 2)
+    cases = itertools.product(VALUES + ("-inf",), range(1, 5), widths)
+    for seed, (values, k, width) in enumerate(cases):
+        height = 5 + seed % 3
+        shape = (2, 3, height, width)
+        if values == "-inf":
+            x = array_of("ties", shape, dtype, 800 + seed)
+            x[np.random.default_rng(seed).random(shape) < 0.4] = -np.inf
+        else:
+            x = array_of(values, shape, dtype, 800 + seed)
+        w = _weights(np.random.default_rng(seed), 3, k, seed % 2 == 1)
+        p = _problem(x, w, "NCHW", geo)
+        gy = array_of("normal", p.out_shape, dtype, 900 + seed)
+        what = f"{name} {values} k={k} {height}x{width}"
+        before = len(calls)
+        gx, gw = engine.backward(gy, x, w, p)
+        # (Without padding a row of 2 lanes columns has lanes - 1 windows.)
+        by_planes = p.geometry.out_w >= lanes
+        assert len(calls) == before + by_planes, what
+        gx_ref, gw_ref = reference.backward(gy, x, w, p)
+        scale_x = tolerance_scale("grad_x", x, w, gy, p.weighting,
+                                  p.geometry.window_size)
+        scale_w = tolerance_scale("grad_w", x, w, gy, p.weighting)
+        assert_close(gx, gx_ref, dtype, scale_x, what)
+        assert_close(gw, gw_ref, dtype, scale_w, what)
+        x_nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+        gx_nhwc, gw_nhwc = engine.backward(
+            np.ascontiguousarray(gy.transpose(0, 2, 3, 1)), x_nhwc, w,
+            _problem(x_nhwc, w, "NHWC", geo))
+        assert_close(gx, gx_nhwc.transpose(0, 3, 1, 2), dtype, scale_x, what)
+        assert_close(gw, gw_nhwc, dtype, scale_w, what)
+        again, gw_again = engine.backward(gy, x, w, p)
+        assert _bits(again) == _bits(gx) and _bits(gw_again) == _bits(gw)
+        tail = np.full(2 * lanes, 7.0, dtype)
+        buf = np.concatenate([np.full(x.size, np.nan, dtype), tail])
+        engine.backward(gy, x, w, p,
+                        out=(buf[:x.size].reshape(x.shape), None))
+        assert _bits(buf[:x.size]) == _bits(gx), what
+        assert _bits(buf[x.size:]) == _bits(tail), what
+    assert len(calls) >= len(widths) * 4 * (len(VALUES) + 1) - 16
+    # Narrow rows, pool_range 5-9 and the planes switched off go the other
+    # ways.
+    for width, k, on in ((2 * lanes - 2, 2, True), (2 * lanes, 5, True),
+                         (2 * lanes, 2, False)):
+        monkeypatch.setattr(engine, "_BACKWARD_NCHW_VECTORS", on)
+        x = array_of("distinct", (1, 3, 5, width), dtype, 1)
+        w = np.ones(k)
+        p = _problem(x, w, "NCHW", geo)
+        before = len(calls)
+        engine.backward(np.ones(p.out_shape, dtype), x, w, p)
+        assert len(calls) == before, (width, k, on)
+
 def test_channel_block_sizes():
     """The most whole vectors that divide the channels and fit the
     scratch budget; at least one vector; 0 without whole vectors."""
