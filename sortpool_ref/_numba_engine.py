@@ -2800,23 +2800,27 @@ def _grads_3x3_simd(a, g, p, f, kk):
                         g * p[4], g * p[5], g * p[6], g * p[7],
                         g * p[8]), v
     else:
+        # The products g * p_r picked directly (an unkept position gets
+        # +0.0 where g * 0 would carry g's sign).
         zero = f[0]
-        w = (_weight_of_value(a[0], v, p, zero, kk),
-             _weight_of_value(a[1], v, p, zero, kk),
-             _weight_of_value(a[2], v, p, zero, kk),
-             _weight_of_value(a[3], v, p, zero, kk),
-             _weight_of_value(a[4], v, p, zero, kk),
-             _weight_of_value(a[5], v, p, zero, kk),
-             _weight_of_value(a[6], v, p, zero, kk),
-             _weight_of_value(a[7], v, p, zero, kk),
-             _weight_of_value(a[8], v, p, zero, kk))
+        gp = (g * p[0], g * p[1], g * p[2], g * p[3], g * p[4], g * p[5],
+              g * p[6], g * p[7], g * p[8])
+        return (_weight_of_value(a[0], v, gp, zero, kk),
+                _weight_of_value(a[1], v, gp, zero, kk),
+                _weight_of_value(a[2], v, gp, zero, kk),
+                _weight_of_value(a[3], v, gp, zero, kk),
+                _weight_of_value(a[4], v, gp, zero, kk),
+                _weight_of_value(a[5], v, gp, zero, kk),
+                _weight_of_value(a[6], v, gp, zero, kk),
+                _weight_of_value(a[7], v, gp, zero, kk),
+                _weight_of_value(a[8], v, gp, zero, kk)), v
     return (g * w[0], g * w[1], g * w[2], g * w[3], g * w[4], g * w[5],
             g * w[6], g * w[7], g * w[8]), v
 
 
 @njit(inline="always")
-def _bwd_row_3x3_nchw_simd(rows, gy, go, s, so, part, sus, count, p, f, k,
-                           iota, kk):
+def _bwd_row_3x3_nchw_simd(rows, r0, r1, r2, gy, go, s, so, part, sus,
+                           count, p, f, k, iota, kk):
     """The windows of one output row of a 3x3 stride-2 backward on an NCHW
     plane, in explicit vectors of output columns (count >= lanes, the
     last vector overlapping the one before, as _row_3x3_nchw_simd): the
@@ -2831,7 +2835,6 @@ def _bwd_row_3x3_nchw_simd(rows, gy, go, s, so, part, sus, count, p, f, k,
     sums, for the caller to redo; returns whether any lane was. p: the
     9 weight vectors (0 from rank k on), f[r] the vector of r, iota the
     lanes' numbers."""
-    span = rows.shape[1]
     ws = sus.shape[0]
     nl = lanes(rows)
     zero = f[0]
@@ -2841,12 +2844,12 @@ def _bwd_row_3x3_nchw_simd(rows, gy, go, s, so, part, sus, count, p, f, k,
     for b in range(0, count, nl):
         t = min(b, count - nl)
         o = 2 * t
-        a0, a1 = load_pairs(rows, o)
-        a2, _ = load_pairs(rows, o + 2)
-        a3, a4 = load_pairs(rows, span + o)
-        a5, _ = load_pairs(rows, span + o + 2)
-        a6, a7 = load_pairs(rows, 2 * span + o)
-        a8, _ = load_pairs(rows, 2 * span + o + 2)
+        a0, a1 = load_pairs(rows, r0 + o)
+        a2, _ = load_pairs(rows, r0 + o + 2)
+        a3, a4 = load_pairs(rows, r1 + o)
+        a5, _ = load_pairs(rows, r1 + o + 2)
+        a6, a7 = load_pairs(rows, r2 + o)
+        a8, _ = load_pairs(rows, r2 + o + 2)
         g = load(gy, go + t)
         gw, v = _grads_3x3_simd((a0, a1, a2, a3, a4, a5, a6, a7, a8), g, p,
                                 f, kk)
@@ -2932,10 +2935,12 @@ def _put_row_3x3_nchw(gx, n, c, h, pairs, pl, s, e0, e1, e2, e3, o0, o1,
 @njit(cache=True)
 def _bwd_plane_nchw_3x3(x, gy, n, c, tb, k, geo, gx, acc, kk):
     """One (sample, channel) plane of a 3x3 stride-2 backward without
-    dilation (any padding, pad_value, ceil_mode), pool_range 1-4. Per
-    output row: its three
-    input rows into padded scratch rows (as the forward), every window
-    in explicit vectors (_bwd_row_3x3_nchw_simd) into per-window entries
+    dilation (any padding, pad_value, ceil_mode), compiled for kk = 2
+    (pool_range 1-2) and 4 (3-4: the weight of an unkept rank is 0, the
+    ties checked one rank further, the same numbers). Per output row: its
+    input rows in padded scratch rows (as the forward's; three slots, its
+    first row is the previous output row's third, copied once), every
+    window in explicit vectors (_bwd_row_3x3_nchw_simd) into per-window entries
     of a scratch row set (two sets, this row's and the previous one's),
     the windows it marks redone one by one (_redo_3x3_nchw), then the
     grad_x rows this output row completes stored from the entries: the
@@ -2971,19 +2976,28 @@ def _bwd_plane_nchw_3x3(x, gy, n, c, tb, k, geo, gx, acc, kk):
     pv = (full(x, wk[0]), full(x, wk[1]), full(x, wk[2]), full(x, wk[3]),
           full(x, wk[4]), full(x, wk[5]), full(x, wk[6]), full(x, wk[7]),
           full(x, wk[8]))
+    # The padded rows' scratch slots: an output row's first input row is
+    # the previous one's third, copied once.
+    lowest = 2
     for oh in range(out_h):
         h0 = 2 * oh - pt
-        _padded_row(x, n, c, h0, pt, pb, pl, pr, has_pad, pad_value,
-                    rows[0])
+        upper = lowest if oh > 0 else 0
+        middle = (upper + 1) % 3
+        lowest = (upper + 2) % 3
+        if oh == 0:
+            _padded_row(x, n, c, h0, pt, pb, pl, pr, has_pad, pad_value,
+                        rows[upper])
         _padded_row(x, n, c, h0 + 1, pt, pb, pl, pr, has_pad, pad_value,
-                    rows[1])
+                    rows[middle])
         _padded_row(x, n, c, h0 + 2, pt, pb, pl, pr, has_pad, pad_value,
-                    rows[2])
+                    rows[lowest])
         cur = (oh % 2) * 9 * ws
         prev = 9 * ws - cur
         go = ((n * channels + c) * out_h + oh) * out_w
-        if _bwd_row_3x3_nchw_simd(rows, gy, go, s, cur, part, sus, out_w,
-                                  pv, f, k, iota, kk):
+        stride = rows.shape[1]
+        if _bwd_row_3x3_nchw_simd(rows, upper * stride, middle * stride,
+                                  lowest * stride, gy, go, s, cur, part,
+                                  sus, out_w, pv, f, k, iota, kk):
             for ow in range(out_w):
                 if sus[ow] != 0:
                     _redo_3x3_nchw(x, n, oh, ow, c, gy[n, c, oh, ow], tb, k,
