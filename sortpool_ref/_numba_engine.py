@@ -51,6 +51,8 @@ Kernels and where they run (docs/performance.md has the measurements):
   fills at least one. Its grad_w is summed in another order than the NHWC
   kernel's (equal to rounding); y and grad_x are bit-identical across
   layouts.
+* The NCHW plane kernels above (forwards, backwards) prefetch the rows of
+  the output row _NCHW_ROWS_AHEAD rows ahead.
 * NCHW backward, 3x3 stride 2 without dilation, pool_range 1-4, rows of at
   least a vector of windows and of column pairs: one plane per task
   (_backward_nchw_3x3), each output row's windows in explicit vectors from
