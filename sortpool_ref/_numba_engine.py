@@ -2735,6 +2735,29 @@ def _bwd_row_2x2_nchw_simd(x, i0, gy, go, gx, scr, count, p, iota):
     return True
 
 
+@njit(inline="always")
+def _zero_plane(gp, h_lo, h_hi, w_lo):
+    """gp[h_lo:h_hi, w_lo:] = 0 for one plane gp (H, W)."""
+    z = gp.dtype.type(0.0)
+    for h in range(h_lo, h_hi):
+        r = gp[h]
+        for j in range(w_lo, r.shape[0]):
+            r[j] = z
+
+
+@njit(inline="always")
+def _add_column_totals(accv, dst, c, k):
+    """dst[r, c] += the sum of accv[r] in order, for r < k: a plane's
+    float64 weight-gradient sums per output column, added up in a fixed
+    order."""
+    for r in range(k):
+        total = 0.0
+        a = accv[r]
+        for i in range(a.shape[0]):
+            total += a[i]
+        dst[r, c] += total
+
+
 @njit(parallel=True, cache=True)
 def _backward_nchw_2x2(x, gy, table, per_channel, k, gx, acc, vectors):
     """2x2 stride-2 backward of NCHW arrays whose windows all lie inside
@@ -2784,21 +2807,9 @@ def _backward_nchw_2x2(x, gy, table, per_channel, k, gx, acc, vectors):
                                   p3, scr)
             if (oh + 1) % _BLOCK == 0 or oh + 1 == out_h:
                 _flush_partials(part, accv, k)
-        for h in range(2 * out_h):
-            dr = dp[h]
-            for j in range(2 * out_w, width):
-                dr[j] = zero
-        for h in range(2 * out_h, height):
-            dr = dp[h]
-            for j in range(width):
-                dr[j] = zero
-        dst = acc[n, k]
-        for r in range(k):
-            total = 0.0
-            a = accv[r]
-            for i in range(out_w):
-                total += a[i]
-            dst[r, c] = total
+        _zero_plane(dp, 0, 2 * out_h, 2 * out_w)
+        _zero_plane(dp, 2 * out_h, height, 0)
+        _add_column_totals(accv, acc[n, k], c, k)
 
 
 @njit(inline="always")
@@ -3063,18 +3074,8 @@ def _bwd_plane_nchw_3x3(x, gy, n, c, tb, k, geo, gx, acc, kk):
         _put_row_3x3_nchw(gx, n, c, h, pairs, pl, s, 0, 0,
                           last + 8 * ws, last + 6 * ws, 0, last + 7 * ws,
                           False)
-    dz = x.dtype.type(0.0)
-    for hz in range(max(0, h + 1), height):
-        gr = gx[n, c, hz]
-        for j in range(width):
-            gr[j] = dz
-    dst = acc[n, k]
-    for r in range(k):
-        total = 0.0
-        a = accv[r]
-        for i in range(ws):
-            total += a[i]
-        dst[r, c] += total
+    _zero_plane(gx[n, c], max(0, h + 1), height, 0)
+    _add_column_totals(accv, acc[n, k], c, k)
 
 
 @njit(parallel=True, cache=True)
