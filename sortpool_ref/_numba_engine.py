@@ -2829,22 +2829,18 @@ def _grads_3x3_simd(a, g, p, f, kk):
     """(g times the weight of each of the 9 positions of a block of 3x3
     windows, the values of ranks 0-8) for the 9 vectors a in scan order,
     the windows' g, the 9 weight vectors p (0 from rank pool_range on) and
-    f[r], the vector of r: the three ways of _windows_3x3_simd (ranks from
-    the pairwise comparisons where a lane holds a NaN or a tie among its
-    kk + 1 largest values; else the weight of the kept value a position
-    equals, or for kk = 9 the weights moved back through the network's
-    swaps), with the weights in registers."""
-    v, swaps = _sort9_swaps(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7],
-                            a[8])
+    f[r], the vector of r, for a literal kk of 1-4: two of the ways of
+    _windows_3x3_simd (ranks from the pairwise comparisons where a lane
+    holds a NaN or a tie among its kk + 1 largest values; else the weight
+    of the kept value a position equals), with the weights in
+    registers."""
+    v, _ = _sort9_swaps(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7],
+                        a[8])
     m = _any_nan9(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8])
-    for r in range(min(kk, 8)):
+    for r in range(kk):
         m = m | (v[r] == v[r + 1])
     if any_lane(m):
         w, v = _ranked_block_simd(a, p, f)
-    elif kk == 9:
-        return _unsort9(swaps, g * p[0], g * p[1], g * p[2], g * p[3],
-                        g * p[4], g * p[5], g * p[6], g * p[7],
-                        g * p[8]), v
     else:
         # The products g * p_r picked directly (an unkept position gets
         # +0.0 where g * 0 would carry g's sign).
