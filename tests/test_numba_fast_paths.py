@@ -773,7 +773,7 @@ def test_nchw_3x3_backward_by_planes(name, dtype, monkeypatch):
     NHWC kernels' numbers (to rounding: grad_x adds the overlapping
     windows' shares in another order), the same bits on a second call,
     and the same bits written into an out= array full of NaN, with
-    nothing past its end touched."""
+    nothing past its end touched, and with one thread."""
     geo = PLANE_BACKWARD_GEOMETRIES[name]
     lanes = VECTOR_BYTES // np.dtype(dtype).itemsize
     calls = []
@@ -825,6 +825,15 @@ def test_nchw_3x3_backward_by_planes(name, dtype, monkeypatch):
         assert _bits(buf[:x.size]) == _bits(gx), what
         assert _bits(buf[x.size:]) == _bits(tail), what
     assert len(calls) >= len(widths) * 4 * (len(VALUES) + 1) - 16
+    # One thread: the same bits (one task per plane, each in a fixed
+    # order).
+    threads = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one, gw_one = engine.backward(gy, x, w, p)
+    finally:
+        numba.set_num_threads(threads)
+    assert _bits(one) == _bits(gx) and _bits(gw_one) == _bits(gw)
     # Narrow rows, pool_range 5-9 and the planes switched off go the other
     # ways.
     for width, k, on in ((2 * lanes - 2, 2, True), (2 * lanes, 5, True),
