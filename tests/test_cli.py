@@ -30,14 +30,17 @@ def test_console_script_is_installed():
 
 
 def test_self_check_fails_when_an_engine_is_wrong(monkeypatch, capsys):
-    """The self-check must be able to fail: break the numba forward."""
-    from sortpool_ref import _numba_engine
+    """The self-check must be able to fail: the numba engine replaced by
+    the reference with its forward 0.1% off (no compiling here: the
+    self-check subprocess compiles the real engine meanwhile)."""
+    from sortpool_ref import _numba_engine, reference
 
-    real = _numba_engine.forward
     monkeypatch.setattr(_numba_engine, "forward",
-                        lambda x, w, p: real(x, w, p) * 1.001)
+                        lambda x, w, p: reference.forward(x, w, p) * 1.001)
+    monkeypatch.setattr(_numba_engine, "backward", reference.backward)
     assert self_check("numba") is False
-    assert "FAIL" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "grad_x" not in out
 
 
 def test_import_is_light():
