@@ -1227,17 +1227,6 @@ def _windows_2x2_simd(x, gy, tpad, gx, part, acc, xo, go, ws, count, rs, cs,
 
 
 @njit(inline="always")
-def _weight_by_value(a, v, tpad, i, channels, zero, kk):
-    """The weight of the position holding a, given the kk largest values
-    v[0..kk-1] of its window, all distinct: the weight of the one it
-    equals, else 0."""
-    w = select(a == v[0], load(tpad, i), zero)
-    for r in range(1, kk):
-        w = select(a == v[r], load(tpad, r * channels + i), w)
-    return w
-
-
-@njit(inline="always")
 def _rank_simd(a, q, f):
     """The stable rank of position q among the 9 vectors of a (NaN on top,
     ties to the earlier position), as _ranks9; f[r] is the vector of r.
@@ -1296,6 +1285,58 @@ def _ranked_block_simd(a, p, f):
 
 
 @njit(inline="always")
+def _weight_of_value(a, v, p, zero, kk):
+    """The weight of the position holding a, given the kk largest values
+    v[0..kk-1] of its window, all distinct, and the weight vectors p (in
+    registers, loaded once per block): the weight of the value it
+    equals, else zero."""
+    w = select(a == v[0], p[0], zero)
+    for r in range(1, kk):
+        w = select(a == v[r], p[r], w)
+    return w
+
+
+@njit(inline="always")
+def _grads_3x3_simd(a, g, p, f, kk):
+    """(g times the weight of each of the 9 positions of a block of 3x3
+    windows, the values of ranks 0-8) for the 9 vectors a in scan order,
+    the windows' g, the 9 weight vectors p (0 from rank pool_range on) and
+    f[r], the vector of r, for a literal kk of 1-4; the block body of the
+    3x3 backwards of both layouts (_windows_3x3_simd, NHWC, and
+    _bwd_row_3x3_nchw_simd). Sort the nine vectors with the NaN-free
+    network (only the comparators reaching its kk + 1 largest outputs
+    survive); where a lane holds a NaN or a tie among its kk + 1 largest
+    values, ranks from the pairwise comparisons (_ranked_block_simd, as
+    _bwd_3x3_nhwc's ranking path); else each position's product is the
+    g * p_r of the kept value it equals (the ranking-free path of
+    _distinct_weights_3x3), 0 where it equals none."""
+    v, _ = _sort9_swaps(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7],
+                        a[8])
+    m = _any_nan9(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8])
+    for r in range(kk):
+        m = m | (v[r] == v[r + 1])
+    if any_lane(m):
+        w, v = _ranked_block_simd(a, p, f)
+    else:
+        # The products g * p_r picked directly (an unkept position gets
+        # +0.0 where g * 0 would carry g's sign).
+        zero = f[0]
+        gp = (g * p[0], g * p[1], g * p[2], g * p[3], g * p[4], g * p[5],
+              g * p[6], g * p[7], g * p[8])
+        return (_weight_of_value(a[0], v, gp, zero, kk),
+                _weight_of_value(a[1], v, gp, zero, kk),
+                _weight_of_value(a[2], v, gp, zero, kk),
+                _weight_of_value(a[3], v, gp, zero, kk),
+                _weight_of_value(a[4], v, gp, zero, kk),
+                _weight_of_value(a[5], v, gp, zero, kk),
+                _weight_of_value(a[6], v, gp, zero, kk),
+                _weight_of_value(a[7], v, gp, zero, kk),
+                _weight_of_value(a[8], v, gp, zero, kk)), v
+    return (g * w[0], g * w[1], g * w[2], g * w[3], g * w[4], g * w[5],
+            g * w[6], g * w[7], g * w[8]), v
+
+
+@njit(inline="always")
 def _windows_3x3_simd(x, gy, tpad, gx, part, acc, xo, go, ws, count, rs, cs,
                       stores, in_block, k, ahead, kk):
     """count 3x3 windows of one output row, all inside the input, all
@@ -1308,19 +1349,17 @@ def _windows_3x3_simd(x, gy, tpad, gx, part, acc, xo, go, ws, count, rs, cs,
     loop over windows is here, not in the caller, so that the arrays are
     passed once per row: an array passed to an inlined function costs an
     atomic reference-count increment and decrement. Per block of
-    channels: sort the nine vectors with
-    the NaN-free network; where no lane holds a NaN or ties among its
-    kk + 1 largest values, each position's weight is that of the kept
-    value it equals (the ranking-free path of _distinct_weights_3x3),
-    or for kk = 9 (pool_range 5-9: all nine values ranked) that of its
-    place in the network's output, the products g * p_r moved back
-    through the network's swaps (_unsort9: the 25 swap masks kept and 50
-    selects, against 81 comparisons and 81 selects; the same numbers, as
-    every weight is one of the table's); otherwise ranks from the
-    pairwise comparisons (as _bwd_3x3_nhwc's ranking path). Then nine
-    stores or adds into grad_x and the block sums. Every weight is
-    computed before the first store: a store to grad_x could alias tpad
-    for all LLVM knows, which would repeat its loads for each position."""
+    channels: for kk 1-4, the products g * p of the nine positions by
+    _grads_3x3_simd; for kk = 9 (pool_range 5-9: all nine values ranked)
+    the same network with its swap masks, and where no lane holds a NaN
+    or a tie, each position's product is that of its place in the
+    network's output, moved back through the swaps (_unsort9: the 25
+    swap masks kept and 50 selects, against 81 comparisons and 81
+    selects; the same numbers, as every weight is one of the table's),
+    else ranks from the pairwise comparisons. Then nine stores or adds
+    into grad_x and the block sums. The nine weight rows are loaded
+    before the first store: a store to grad_x could alias tpad for all
+    LLVM knows, which would repeat their loads for each position."""
     channels = tpad.shape[1]
     nl = lanes(x)
     zero = zeros(tpad)
@@ -1334,13 +1373,8 @@ def _windows_3x3_simd(x, gy, tpad, gx, part, acc, xo, go, ws, count, rs, cs,
                  load(x, o + rs), load(x, o + rs + cs),
                  load(x, o + rs + 2 * cs), load(x, o + 2 * rs),
                  load(x, o + 2 * rs + cs), load(x, o + 2 * rs + 2 * cs))
-            v, swaps = _sort9_swaps(a[0], a[1], a[2], a[3], a[4], a[5], a[6],
-                                    a[7], a[8])
-            m = _any_nan9(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8])
-            for r in range(min(kk, 8)):
-                m = m | (v[r] == v[r + 1])
             g = load(gy, gt + i)
-            if any_lane(m):
+            if kk <= 4:
                 p = (load(tpad, i), load(tpad, channels + i),
                      load(tpad, 2 * channels + i),
                      load(tpad, 3 * channels + i),
@@ -1352,31 +1386,43 @@ def _windows_3x3_simd(x, gy, tpad, gx, part, acc, xo, go, ws, count, rs, cs,
                 f = (zero, full(tpad, 1), full(tpad, 2), full(tpad, 3),
                      full(tpad, 4), full(tpad, 5), full(tpad, 6),
                      full(tpad, 7), full(tpad, 8))
-                w, v = _ranked_block_simd(a, p, f)
-                gw = (g * w[0], g * w[1], g * w[2], g * w[3], g * w[4],
-                      g * w[5], g * w[6], g * w[7], g * w[8])
-            elif kk == 9:
-                gw = _unsort9(
-                    swaps, g * load(tpad, i), g * load(tpad, channels + i),
-                    g * load(tpad, 2 * channels + i),
-                    g * load(tpad, 3 * channels + i),
-                    g * load(tpad, 4 * channels + i),
-                    g * load(tpad, 5 * channels + i),
-                    g * load(tpad, 6 * channels + i),
-                    g * load(tpad, 7 * channels + i),
-                    g * load(tpad, 8 * channels + i))
+                gw, v = _grads_3x3_simd(a, g, p, f, kk)
             else:
-                w = (_weight_by_value(a[0], v, tpad, i, channels, zero, kk),
-                     _weight_by_value(a[1], v, tpad, i, channels, zero, kk),
-                     _weight_by_value(a[2], v, tpad, i, channels, zero, kk),
-                     _weight_by_value(a[3], v, tpad, i, channels, zero, kk),
-                     _weight_by_value(a[4], v, tpad, i, channels, zero, kk),
-                     _weight_by_value(a[5], v, tpad, i, channels, zero, kk),
-                     _weight_by_value(a[6], v, tpad, i, channels, zero, kk),
-                     _weight_by_value(a[7], v, tpad, i, channels, zero, kk),
-                     _weight_by_value(a[8], v, tpad, i, channels, zero, kk))
-                gw = (g * w[0], g * w[1], g * w[2], g * w[3], g * w[4],
-                      g * w[5], g * w[6], g * w[7], g * w[8])
+                v, swaps = _sort9_swaps(a[0], a[1], a[2], a[3], a[4], a[5],
+                                        a[6], a[7], a[8])
+                m = _any_nan9(a[0], a[1], a[2], a[3], a[4], a[5], a[6],
+                              a[7], a[8])
+                for r in range(8):
+                    m = m | (v[r] == v[r + 1])
+                if any_lane(m):
+                    p = (load(tpad, i), load(tpad, channels + i),
+                         load(tpad, 2 * channels + i),
+                         load(tpad, 3 * channels + i),
+                         load(tpad, 4 * channels + i),
+                         load(tpad, 5 * channels + i),
+                         load(tpad, 6 * channels + i),
+                         load(tpad, 7 * channels + i),
+                         load(tpad, 8 * channels + i))
+                    f = (zero, full(tpad, 1), full(tpad, 2), full(tpad, 3),
+                         full(tpad, 4), full(tpad, 5), full(tpad, 6),
+                         full(tpad, 7), full(tpad, 8))
+                    w, v = _ranked_block_simd(a, p, f)
+                    gw = (g * w[0], g * w[1], g * w[2], g * w[3], g * w[4],
+                          g * w[5], g * w[6], g * w[7], g * w[8])
+                else:
+                    # The table's rows loaded here, each next to its
+                    # product: loaded before the network and held across
+                    # it and its 25 swap masks, they made k = 9 2-4%
+                    # slower.
+                    gw = _unsort9(
+                        swaps, g * load(tpad, i), g * load(tpad, channels + i),
+                        g * load(tpad, 2 * channels + i),
+                        g * load(tpad, 3 * channels + i),
+                        g * load(tpad, 4 * channels + i),
+                        g * load(tpad, 5 * channels + i),
+                        g * load(tpad, 6 * channels + i),
+                        g * load(tpad, 7 * channels + i),
+                        g * load(tpad, 8 * channels + i))
             for q in range(9):
                 _put(gx, o + (q // 3) * rs + (q % 3) * cs, gw[q],
                      (stores >> q) & 1)
@@ -2810,54 +2856,6 @@ def _backward_nchw_2x2(x, gy, table, per_channel, k, gx, acc, vectors):
         _zero_plane(dp, 0, 2 * out_h, 2 * out_w)
         _zero_plane(dp, 2 * out_h, height, 0)
         _add_column_totals(accv, acc[n, k], c, k)
-
-
-@njit(inline="always")
-def _weight_of_value(a, v, p, zero, kk):
-    """The weight of the position holding a, given the kk largest values
-    v[0..kk-1] of its window, all distinct, and the weight vectors p: the
-    weight of the value it equals, else 0 (_weight_by_value with the
-    weights in registers)."""
-    w = select(a == v[0], p[0], zero)
-    for r in range(1, kk):
-        w = select(a == v[r], p[r], w)
-    return w
-
-
-@njit(inline="always")
-def _grads_3x3_simd(a, g, p, f, kk):
-    """(g times the weight of each of the 9 positions of a block of 3x3
-    windows, the values of ranks 0-8) for the 9 vectors a in scan order,
-    the windows' g, the 9 weight vectors p (0 from rank pool_range on) and
-    f[r], the vector of r, for a literal kk of 1-4: two of the ways of
-    _windows_3x3_simd (ranks from the pairwise comparisons where a lane
-    holds a NaN or a tie among its kk + 1 largest values; else the weight
-    of the kept value a position equals), with the weights in
-    registers."""
-    v, _ = _sort9_swaps(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7],
-                        a[8])
-    m = _any_nan9(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8])
-    for r in range(kk):
-        m = m | (v[r] == v[r + 1])
-    if any_lane(m):
-        w, v = _ranked_block_simd(a, p, f)
-    else:
-        # The products g * p_r picked directly (an unkept position gets
-        # +0.0 where g * 0 would carry g's sign).
-        zero = f[0]
-        gp = (g * p[0], g * p[1], g * p[2], g * p[3], g * p[4], g * p[5],
-              g * p[6], g * p[7], g * p[8])
-        return (_weight_of_value(a[0], v, gp, zero, kk),
-                _weight_of_value(a[1], v, gp, zero, kk),
-                _weight_of_value(a[2], v, gp, zero, kk),
-                _weight_of_value(a[3], v, gp, zero, kk),
-                _weight_of_value(a[4], v, gp, zero, kk),
-                _weight_of_value(a[5], v, gp, zero, kk),
-                _weight_of_value(a[6], v, gp, zero, kk),
-                _weight_of_value(a[7], v, gp, zero, kk),
-                _weight_of_value(a[8], v, gp, zero, kk)), v
-    return (g * w[0], g * w[1], g * w[2], g * w[3], g * w[4], g * w[5],
-            g * w[6], g * w[7], g * w[8]), v
 
 
 @njit(inline="always")
