@@ -1284,6 +1284,21 @@ def _ranked_block_simd(a, p, f):
     return w, v
 
 
+@njit
+def _table_rows(tpad, i):
+    """The vectors at channel i of the nine rows of the zero-padded weight
+    table tpad (9, channels). A plain function, which LLVM inlines: an
+    array passed to a function Numba inlines costs an atomic
+    reference-count increment and decrement per call (see
+    _windows_3x3_simd)."""
+    channels = tpad.shape[1]
+    return (load(tpad, i), load(tpad, channels + i),
+            load(tpad, 2 * channels + i), load(tpad, 3 * channels + i),
+            load(tpad, 4 * channels + i), load(tpad, 5 * channels + i),
+            load(tpad, 6 * channels + i), load(tpad, 7 * channels + i),
+            load(tpad, 8 * channels + i))
+
+
 @njit(inline="always")
 def _weight_of_value(a, v, p, zero, kk):
     """The weight of the position holding a, given the kk largest values
@@ -1363,6 +1378,8 @@ def _windows_3x3_simd(x, gy, tpad, gx, part, acc, xo, go, ws, count, rs, cs,
     channels = tpad.shape[1]
     nl = lanes(x)
     zero = zeros(tpad)
+    f = (zero, full(tpad, 1), full(tpad, 2), full(tpad, 3), full(tpad, 4),
+         full(tpad, 5), full(tpad, 6), full(tpad, 7), full(tpad, 8))
     for t in range(count):
         xt = xo + t * ws
         gt = go + t * channels
@@ -1375,18 +1392,7 @@ def _windows_3x3_simd(x, gy, tpad, gx, part, acc, xo, go, ws, count, rs, cs,
                  load(x, o + 2 * rs + cs), load(x, o + 2 * rs + 2 * cs))
             g = load(gy, gt + i)
             if kk <= 4:
-                p = (load(tpad, i), load(tpad, channels + i),
-                     load(tpad, 2 * channels + i),
-                     load(tpad, 3 * channels + i),
-                     load(tpad, 4 * channels + i),
-                     load(tpad, 5 * channels + i),
-                     load(tpad, 6 * channels + i),
-                     load(tpad, 7 * channels + i),
-                     load(tpad, 8 * channels + i))
-                f = (zero, full(tpad, 1), full(tpad, 2), full(tpad, 3),
-                     full(tpad, 4), full(tpad, 5), full(tpad, 6),
-                     full(tpad, 7), full(tpad, 8))
-                gw, v = _grads_3x3_simd(a, g, p, f, kk)
+                gw, v = _grads_3x3_simd(a, g, _table_rows(tpad, i), f, kk)
             else:
                 v, swaps = _sort9_swaps(a[0], a[1], a[2], a[3], a[4], a[5],
                                         a[6], a[7], a[8])
@@ -1395,18 +1401,7 @@ def _windows_3x3_simd(x, gy, tpad, gx, part, acc, xo, go, ws, count, rs, cs,
                 for r in range(8):
                     m = m | (v[r] == v[r + 1])
                 if any_lane(m):
-                    p = (load(tpad, i), load(tpad, channels + i),
-                         load(tpad, 2 * channels + i),
-                         load(tpad, 3 * channels + i),
-                         load(tpad, 4 * channels + i),
-                         load(tpad, 5 * channels + i),
-                         load(tpad, 6 * channels + i),
-                         load(tpad, 7 * channels + i),
-                         load(tpad, 8 * channels + i))
-                    f = (zero, full(tpad, 1), full(tpad, 2), full(tpad, 3),
-                         full(tpad, 4), full(tpad, 5), full(tpad, 6),
-                         full(tpad, 7), full(tpad, 8))
-                    w, v = _ranked_block_simd(a, p, f)
+                    w, v = _ranked_block_simd(a, _table_rows(tpad, i), f)
                     gw = (g * w[0], g * w[1], g * w[2], g * w[3], g * w[4],
                           g * w[5], g * w[6], g * w[7], g * w[8])
                 else:
