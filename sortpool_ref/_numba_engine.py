@@ -1371,7 +1371,8 @@ def _windows_3x3_simd(x, gy, tpad, gx, part, acc, xo, go, ws, count, rs, cs,
     network's output, moved back through the swaps (_unsort9: the 25
     swap masks kept and 50 selects, against 81 comparisons and 81
     selects; the same numbers, as every weight is one of the table's),
-    else ranks from the pairwise comparisons. Then nine stores or adds
+    and the lanes that do, from the pairwise comparisons (where a block
+    has any). Then nine stores or adds
     into grad_x and the block sums. The nine weight rows are loaded
     before the first store: a store to grad_x could alias tpad for all
     LLVM knows, which would repeat their loads for each position."""
@@ -1396,31 +1397,50 @@ def _windows_3x3_simd(x, gy, tpad, gx, part, acc, xo, go, ws, count, rs, cs,
             else:
                 v, swaps = _sort9_swaps(a[0], a[1], a[2], a[3], a[4], a[5],
                                         a[6], a[7], a[8])
+                # The unsort before the branch, in the network's basic
+                # block: placed on the branch's fall-through side, its 25
+                # comparisons were sunk there by LLVM (a mask is not kept
+                # across blocks), their 50 operands held across the
+                # branch, on the stack.
+                gw = _unsort9(
+                    swaps, g * load(tpad, i), g * load(tpad, channels + i),
+                    g * load(tpad, 2 * channels + i),
+                    g * load(tpad, 3 * channels + i),
+                    g * load(tpad, 4 * channels + i),
+                    g * load(tpad, 5 * channels + i),
+                    g * load(tpad, 6 * channels + i),
+                    g * load(tpad, 7 * channels + i),
+                    g * load(tpad, 8 * channels + i))
                 m = _any_nan9(a[0], a[1], a[2], a[3], a[4], a[5], a[6],
                               a[7], a[8])
                 for r in range(8):
                     m = m | (v[r] == v[r + 1])
                 if any_lane(m):
+                    # The lanes with a NaN or a tie from the ranks; the
+                    # others keep the unsort's numbers (the ranks give
+                    # the same), which makes the unsort used on both
+                    # sides of the branch, so that LLVM cannot sink it.
                     w, v = _ranked_block_simd(a, _table_rows(tpad, i), f)
-                    gw = (g * w[0], g * w[1], g * w[2], g * w[3], g * w[4],
-                          g * w[5], g * w[6], g * w[7], g * w[8])
-                else:
-                    # The table's rows loaded here, each next to its
-                    # product: loaded before the network and held across
-                    # it and its 25 swap masks, they made k = 9 2-4%
-                    # slower.
-                    gw = _unsort9(
-                        swaps, g * load(tpad, i), g * load(tpad, channels + i),
-                        g * load(tpad, 2 * channels + i),
-                        g * load(tpad, 3 * channels + i),
-                        g * load(tpad, 4 * channels + i),
-                        g * load(tpad, 5 * channels + i),
-                        g * load(tpad, 6 * channels + i),
-                        g * load(tpad, 7 * channels + i),
-                        g * load(tpad, 8 * channels + i))
-            for q in range(9):
-                _put(gx, o + (q // 3) * rs + (q % 3) * cs, gw[q],
-                     (stores >> q) & 1)
+                    gw = (select(m, g * w[0], gw[0]),
+                          select(m, g * w[1], gw[1]),
+                          select(m, g * w[2], gw[2]),
+                          select(m, g * w[3], gw[3]),
+                          select(m, g * w[4], gw[4]),
+                          select(m, g * w[5], gw[5]),
+                          select(m, g * w[6], gw[6]),
+                          select(m, g * w[7], gw[7]),
+                          select(m, g * w[8], gw[8]))
+            # Written out: as a loop over q, gw[q] became a jump table
+            # (an indirect branch per position) that LLVM did not unroll.
+            _put(gx, o, gw[0], stores & 1)
+            _put(gx, o + cs, gw[1], (stores >> 1) & 1)
+            _put(gx, o + 2 * cs, gw[2], (stores >> 2) & 1)
+            _put(gx, o + rs, gw[3], (stores >> 3) & 1)
+            _put(gx, o + rs + cs, gw[4], (stores >> 4) & 1)
+            _put(gx, o + rs + 2 * cs, gw[5], (stores >> 5) & 1)
+            _put(gx, o + 2 * rs, gw[6], (stores >> 6) & 1)
+            _put(gx, o + 2 * rs + cs, gw[7], (stores >> 7) & 1)
+            _put(gx, o + 2 * rs + 2 * cs, gw[8], (stores >> 8) & 1)
             for r in range(kk):
                 j = r * channels + i
                 store(part, j, load(part, j) + g * v[r])
