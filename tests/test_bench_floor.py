@@ -3,8 +3,15 @@
 Every ratio in docs/performance.md is a time over the floor's, so a floor
 that skipped work would flatter the engine. Checked here against NumPy max
 pooling (padding ignored, as -inf) on the geometries the benchmark uses and
-on odd sizes that exercise the border loops.
+on odd sizes that exercise the border loops. Also the benchmark's
+machinery around them: the memory probes of its machine table, and the
+run with glibc's malloc keeping freed memory (--keep-freed-memory).
 """
+
+import os
+import platform
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -85,3 +92,76 @@ def test_memory_probes_read_this_process():
     assert after - before > 60, (before, after)
     assert 0 <= huge_after <= after
     del block
+
+
+def test_kept_memory_results_have_their_own_section(tmp_path, monkeypatch):
+    """`--update-docs` under --keep-freed-memory writes its own section of
+    docs/performance.md (appended the first time, replaced after) and
+    leaves the latest results alone, and the other way round."""
+    from bench import run
+
+    docs = tmp_path / "performance.md"
+    docs.write_text(f"intro\n{run.BEGIN}\nold\n{run.END}\ntail\n")
+    monkeypatch.setattr(run, "DOCS", docs)
+    kept = f"{run.KEPT_BEGIN}\n%s\n{run.KEPT_END}"
+    run.update_docs(kept % "first")
+    run.update_docs(kept % "second")
+    text = docs.read_text()
+    assert text.startswith(f"intro\n{run.BEGIN}\nold\n{run.END}\ntail\n")
+    assert text.count(run.KEPT_BEGIN) == 1 and "second" in text
+    assert "first" not in text
+    run.update_docs(f"{run.BEGIN}\nnew\n{run.END}")
+    text = docs.read_text()
+    assert "old" not in text and "\nnew\n" in text and "second" in text
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_keep_freed_memory_reruns_with_the_tunables(monkeypatch):
+    """--keep-freed-memory runs the benchmark again in a child process
+    whose GLIBC_TUNABLES hold KEEP_FREED (added to any already there),
+    with the other arguments; the child sees that it keeps freed memory
+    and says so in the machine table."""
+    from bench import run
+
+    calls = []
+
+    def call(cmd, cwd, env):
+        calls.append((cmd, env))
+        return 0
+
+    monkeypatch.setattr(run.subprocess, "call", call)
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    assert not run.keeps_freed_memory()
+    assert run.main(["--quick", "--keep-freed-memory", "--no-startup"]) == 0
+    (cmd, env), = calls
+    assert cmd[1:] == ["-m", "bench", "--quick", "--no-startup"]
+    assert env["GLIBC_TUNABLES"] == ("glibc.malloc.arena_max=2:"
+                                     + run.KEEP_FREED)
+    monkeypatch.setenv("GLIBC_TUNABLES", env["GLIBC_TUNABLES"])
+    assert run.keeps_freed_memory()
+    assert "keeps freed memory" in run.machine()["malloc"]
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_kept_freed_memory_costs_no_page_faults():
+    """What the tunables are for: a 64 MB array freed and allocated again
+    faults in no pages with them, and some without them (the new mapping
+    is zeroed page by page, 2 MB or 4 kB at a time)."""
+    code = ("import resource, numpy as np\n"
+            "a = np.ones(64 << 20, np.uint8)\n"
+            "del a\n"
+            "f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+            "b = np.ones(64 << 20, np.uint8)\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f)\n")
+    from bench import run
+
+    faults = {}
+    for kept in (False, True):
+        env = dict(os.environ)
+        env.pop("GLIBC_TUNABLES", None)
+        if kept:
+            env["GLIBC_TUNABLES"] = run.KEEP_FREED
+        out = subprocess.run([sys.executable, "-c", code], env=env,
+                             capture_output=True, text=True, check=True)
+        faults[kept] = int(out.stdout)
+    assert faults[True] < 16 <= faults[False], faults
