@@ -1366,14 +1366,13 @@ def _windows_3x3_simd(x, gy, tpad, gx, part, acc, xo, go, ws, count, rs, cs,
     atomic reference-count increment and decrement. Per block of
     channels: for kk 1-4, the products g * p of the nine positions by
     _grads_3x3_simd; for kk = 9 (pool_range 5-9: all nine values ranked)
-    the same network with its swap masks, and where no lane holds a NaN
-    or a tie, each position's product is that of its place in the
-    network's output, moved back through the swaps (_unsort9: the 25
-    swap masks kept and 50 selects, against 81 comparisons and 81
-    selects; the same numbers, as every weight is one of the table's),
-    and the lanes that do, from the pairwise comparisons (where a block
-    has any). Then nine stores or adds
-    into grad_x and the block sums. The nine weight rows are loaded
+    the same network with its swap masks: in each lane without a NaN or
+    a tie, a position's product is that of its place in the network's
+    output, moved back through the swaps (_unsort9: the 25 swap masks
+    kept and 50 selects, against 81 comparisons and 81 selects; the same
+    numbers, as every weight is one of the table's), in the other lanes
+    (where a block has any) from the pairwise comparisons. Then nine
+    stores or adds into grad_x and the block sums. The nine weight rows are loaded
     before the first store: a store to grad_x could alias tpad for all
     LLVM knows, which would repeat their loads for each position."""
     channels = tpad.shape[1]
