@@ -431,11 +431,14 @@ def tables(cases: List[Case]) -> Tuple[str, List[dict]]:
                 f"{_fmt(b / floor)} | {_fmt(fb / floor)} | "
                 f"{_fmt(bo / floor)} | {_fmt(fbo / floor)} | "
                 f"{_fmt(f / torch_cl)} | {_fmt(f / twin_floor)} |")
+    fresh = ("fresh array (served here from memory the process freed "
+             "before: no page faults)" if keeps_freed_memory() else
+             "fresh array, whose pages the operating system zeroes on "
+             "first touch")
     lines += ["", "### What no backward can beat", "",
               "`grad floor`: a kernel that reads x and grad_y once and "
               "writes every element of grad_x once (bench/floor.py), into a "
-              "fresh array, whose pages the operating system zeroes on "
-              "first touch, and into a reused one (`out=`). Ratios to the "
+              f"{fresh}, and into a reused one (`out=`). Ratios to the "
               "forward floor, as the backward targets are.", "",
               "| case | grad floor/floor | grad floor out=/floor |",
               "|---|---:|---:|"]

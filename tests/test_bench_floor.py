@@ -120,7 +120,8 @@ def test_keep_freed_memory_reruns_with_the_tunables(monkeypatch):
     """--keep-freed-memory runs the benchmark again in a child process
     whose GLIBC_TUNABLES hold KEEP_FREED (added to any already there),
     with the other arguments; the child sees that it keeps freed memory
-    and says so in the machine table."""
+    and says so in the machine table and where the tables speak of fresh
+    memory."""
     from bench import run
 
     calls = []
@@ -137,9 +138,12 @@ def test_keep_freed_memory_reruns_with_the_tunables(monkeypatch):
     assert cmd[1:] == ["-m", "bench", "--quick", "--no-startup"]
     assert env["GLIBC_TUNABLES"] == ("glibc.malloc.arena_max=2:"
                                      + run.KEEP_FREED)
+    assert "zeroes on first touch" in run.tables([])[0]
     monkeypatch.setenv("GLIBC_TUNABLES", env["GLIBC_TUNABLES"])
     assert run.keeps_freed_memory()
     assert "keeps freed memory" in run.machine()["malloc"]
+    text = run.tables([])[0]
+    assert "no page faults" in text and "zeroes" not in text
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc only")
