@@ -1372,9 +1372,10 @@ def _windows_3x3_simd(x, gy, tpad, gx, part, acc, xo, go, ws, count, rs, cs,
     kept and 50 selects, against 81 comparisons and 81 selects; the same
     numbers, as every weight is one of the table's), in the other lanes
     (where a block has any) from the pairwise comparisons. Then nine
-    stores or adds into grad_x and the block sums. The nine weight rows are loaded
-    before the first store: a store to grad_x could alias tpad for all
-    LLVM knows, which would repeat their loads for each position."""
+    stores or adds into grad_x and the block sums. The nine weight rows
+    are loaded before the first store: a store to grad_x could alias tpad
+    for all LLVM knows, which would repeat their loads for each
+    position."""
     channels = tpad.shape[1]
     nl = lanes(x)
     zero = zeros(tpad)
@@ -1401,15 +1402,10 @@ def _windows_3x3_simd(x, gy, tpad, gx, part, acc, xo, go, ws, count, rs, cs,
                 # comparisons were sunk there by LLVM (a mask is not kept
                 # across blocks), their 50 operands held across the
                 # branch, on the stack.
-                gw = _unsort9(
-                    swaps, g * load(tpad, i), g * load(tpad, channels + i),
-                    g * load(tpad, 2 * channels + i),
-                    g * load(tpad, 3 * channels + i),
-                    g * load(tpad, 4 * channels + i),
-                    g * load(tpad, 5 * channels + i),
-                    g * load(tpad, 6 * channels + i),
-                    g * load(tpad, 7 * channels + i),
-                    g * load(tpad, 8 * channels + i))
+                p = _table_rows(tpad, i)
+                gw = _unsort9(swaps, g * p[0], g * p[1], g * p[2], g * p[3],
+                              g * p[4], g * p[5], g * p[6], g * p[7],
+                              g * p[8])
                 m = _any_nan9(a[0], a[1], a[2], a[3], a[4], a[5], a[6],
                               a[7], a[8])
                 for r in range(8):
@@ -1419,7 +1415,7 @@ def _windows_3x3_simd(x, gy, tpad, gx, part, acc, xo, go, ws, count, rs, cs,
                     # others keep the unsort's numbers (the ranks give
                     # the same), which makes the unsort used on both
                     # sides of the branch, so that LLVM cannot sink it.
-                    w, v = _ranked_block_simd(a, _table_rows(tpad, i), f)
+                    w, v = _ranked_block_simd(a, p, f)
                     gw = (select(m, g * w[0], gw[0]),
                           select(m, g * w[1], gw[1]),
                           select(m, g * w[2], gw[2]),
