@@ -33,7 +33,8 @@ Kernels and where they run (docs/performance.md has the measurements):
   network, the windows that keep fewer ranks than pool_range. Rows of
   stride 2 without dilation run in explicit vectors of output columns
   (_simd.load_pairs splits two vectors of a row into the windows' even
-  and odd columns). Other 3x3 rows (other strides, dilation, fewer
+  and odd columns), from pool_range 7 those windows included (each
+  column's weights for its window's rank count). Other 3x3 rows (other strides, dilation, fewer
   windows than a vector), with channels that fill whole vectors, run by
   blocks of channels instead, as the backward below, for float32
   pool_range 6-9 and float64 every pool_range (_NCHW_BLOCKS_FROM).
@@ -265,6 +266,21 @@ def _top9_nan_free(a0, a1, a2, a3, a4, a5, a6, a7, a8, kk):
     if kk >= 1 and kk <= 3:
         return _merge9_nan_free(a0, a1, a2, a3, a4, a5, a6, a7, a8)
     return _sort9_nan_free(a0, a1, a2, a3, a4, a5, a6, a7, a8)
+
+
+# The same networks inlined by Numba: LLVM inlines a function called from
+# one loop of a caller, but from a second one (_row_3x3_nchw_simd's edge
+# vectors) it called it, nine vectors passed through the stack.
+_merge9_inline = njit(inline="always")(_merge9_nan_free.py_func)
+_sort9_inline = njit(inline="always")(_sort9_nan_free.py_func)
+
+
+@njit(inline="always")
+def _top9_inline(a0, a1, a2, a3, a4, a5, a6, a7, a8, kk):
+    """_top9_nan_free with the network inlined by Numba."""
+    if kk >= 1 and kk <= 3:
+        return _merge9_inline(a0, a1, a2, a3, a4, a5, a6, a7, a8)
+    return _sort9_inline(a0, a1, a2, a3, a4, a5, a6, a7, a8)
 
 
 @njit
@@ -2492,6 +2508,37 @@ def _sort_row_3x3_nchw(r0, r1, r2, yr, sw, dw, p0, p1, p2, p3, p4, p5, p6,
 
 
 @njit(inline="always")
+def _edge_term(acc, v, ew, i, m, r):
+    """acc + ew.flat[i:...] * v where r < m (lane by lane), else acc."""
+    return select(full(ew, r) < m, acc + load(ew, i) * v, acc)
+
+
+@njit(inline="always")
+def _edge_sum(v, ew, step, t, m, kk):
+    """sum_{r < m} ew.flat[t + r step:...] v[r] lane by lane, in rank order
+    (m: a vector of rank counts, at most kk), written out: as a loop over
+    r LLVM does not unroll it, and v goes to the stack."""
+    acc = load(ew, t) * v[0]
+    if kk > 1:
+        acc = _edge_term(acc, v[1], ew, step + t, m, 1)
+    if kk > 2:
+        acc = _edge_term(acc, v[2], ew, 2 * step + t, m, 2)
+    if kk > 3:
+        acc = _edge_term(acc, v[3], ew, 3 * step + t, m, 3)
+    if kk > 4:
+        acc = _edge_term(acc, v[4], ew, 4 * step + t, m, 4)
+    if kk > 5:
+        acc = _edge_term(acc, v[5], ew, 5 * step + t, m, 5)
+    if kk > 6:
+        acc = _edge_term(acc, v[6], ew, 6 * step + t, m, 6)
+    if kk > 7:
+        acc = _edge_term(acc, v[7], ew, 7 * step + t, m, 7)
+    if kk > 8:
+        acc = _edge_term(acc, v[8], ew, 8 * step + t, m, 8)
+    return acc
+
+
+@njit(inline="always")
 def _row_3x3_nchw_simd(rows, y, yo, count, p, kk):
     """_sort_row_3x3_nchw for stride 2, no dilation, in explicit vectors
     (_simd): y.flat[yo:yo + count] from the padded rows, rows of shape
@@ -2519,6 +2566,59 @@ def _row_3x3_nchw_simd(rows, y, yo, count, p, kk):
         acc = p[0] * v[0]
         for r in range(1, kk):
             acc = acc + p[r] * v[r]
+        bad = _any_nan9(a0, a1, a2, a3, a4, a5, a6, a7, a8)
+        store(y, yo + t, select(bad, nan, acc))
+    return count
+
+
+@njit(inline="always")
+def _row_3x3_nchw_edges_simd(rows, y, yo, count, p, e_lo, e_hi, kk):
+    """_row_3x3_nchw_simd for a row whose windows outside [e_lo, e_hi)
+    keep fewer ranks than kk (absent positions; see _edge_columns_3x3):
+    a vector holding one takes window t's weights from rows[4:4 + kk, t]
+    and sums rank r only where r < rows[3, t], its rank count (the rest
+    are absent -inf, whose product with a zero weight would be NaN),
+    which gives _edge_3x3_nchw's numbers. Windows without a present position are
+    left to the caller. The vectors as _row_3x3_nchw_simd's, those inside
+    [e_lo, e_hi) as there, the others in a loop of their own (in one loop
+    with the others LLVM computes both sums for every vector and
+    selects). Returns count, or 0 for a row narrower than a vector."""
+    nan = full(rows, np.nan)
+    span = rows.shape[1]
+    nl = lanes(rows)
+    if count < nl:
+        return 0
+    for b in range(0, count, nl):
+        t = min(b, count - nl)
+        if t < e_lo or t + nl > e_hi:
+            continue
+        o = 2 * t
+        a0, a1 = load_pairs(rows, o)
+        a2, _ = load_pairs(rows, o + 2)
+        a3, a4 = load_pairs(rows, span + o)
+        a5, _ = load_pairs(rows, span + o + 2)
+        a6, a7 = load_pairs(rows, 2 * span + o)
+        a8, _ = load_pairs(rows, 2 * span + o + 2)
+        v = _top9_nan_free(a0, a1, a2, a3, a4, a5, a6, a7, a8, kk)
+        acc = p[0] * v[0]
+        for r in range(1, kk):
+            acc = acc + p[r] * v[r]
+        bad = _any_nan9(a0, a1, a2, a3, a4, a5, a6, a7, a8)
+        store(y, yo + t, select(bad, nan, acc))
+    for b in range(0, count, nl):
+        t = min(b, count - nl)
+        if t >= e_lo and t + nl <= e_hi:
+            continue
+        o = 2 * t
+        a0, a1 = load_pairs(rows, o)
+        a2, _ = load_pairs(rows, o + 2)
+        a3, a4 = load_pairs(rows, span + o)
+        a5, _ = load_pairs(rows, span + o + 2)
+        a6, a7 = load_pairs(rows, 2 * span + o)
+        a8, _ = load_pairs(rows, 2 * span + o + 2)
+        v = _top9_inline(a0, a1, a2, a3, a4, a5, a6, a7, a8, kk)
+        acc = _edge_sum(v, rows, span, 4 * span + t, load(rows, 3 * span + t),
+                        kk)
         bad = _any_nan9(a0, a1, a2, a3, a4, a5, a6, a7, a8)
         store(y, yo + t, select(bad, nan, acc))
     return count
@@ -2555,6 +2655,47 @@ def _present(start, step, size, lead, trail):
     return m
 
 
+# The pool_range from which the NCHW 3x3 forward's vector rows take the
+# windows that keep fewer ranks (_row_3x3_nchw_edges_simd).
+_EDGE_VECTORS_FROM = 7
+
+
+@njit(inline="always")
+def _edge_columns_3x3(k, m_rows, pl, width, lead, trail, out_w):
+    """For the vector rows (_row_3x3_nchw_simd) of output rows with m_rows
+    present input rows, stride 2, no dilation: [e_lo, e_hi), the columns
+    whose windows keep k ranks, one run (a window's present count rises
+    and falls along a row); (0, 0) when there are none."""
+    e_lo = 0
+    while (e_lo < out_w and m_rows * _present(2 * e_lo - pl, 1, width, lead,
+                                              trail) < k):
+        e_lo += 1
+    e_hi = out_w
+    while (e_hi > e_lo and m_rows * _present(2 * e_hi - 2 - pl, 1, width,
+                                             lead, trail) < k):
+        e_hi -= 1
+    if e_lo == e_hi:
+        return 0, 0
+    return e_lo, e_hi
+
+
+@njit(inline="always")
+def _edge_weights_3x3(tb, k, m_rows, pl, width, lead, trail, e_lo, e_hi,
+                      nl, out_w, rows, kk):
+    """For the columns of every vector that reaches outside [e_lo, e_hi)
+    (_edge_columns_3x3), the weights of each window's rank count
+    m = min(present positions, k) (rows[4:4 + kk, ow], zero from rank m
+    on) and m (rows[3, ow])."""
+    zero = tb.dtype.type(0.0)
+    for j in range(out_w):
+        if j >= e_lo + nl and j < e_hi - nl:
+            continue
+        m = min(m_rows * _present(2 * j - pl, 1, width, lead, trail), k)
+        rows[3, j] = m
+        for r in range(kk):
+            rows[4 + r, j] = tb[m, r] if r < m else zero
+
+
 @njit(cache=True)
 def _fwd_plane_nchw_3x3(x, n, c, tb, k, geo, bnd, y, vectors, kk):
     """One (sample, channel) plane of a 3x3 forward, compiled once per
@@ -2564,9 +2705,12 @@ def _fwd_plane_nchw_3x3(x, n, c, tb, k, geo, bnd, y, vectors, kk):
     hold pad_value, absent positions -inf. For a window that keeps at
     least k ranks an absent position ranked as -inf changes nothing (the
     k largest values are the same values, and the table row is that of k
-    ranks); windows that keep fewer (borders, with large k) are redone one
-    by one from the padded rows (_edge_3x3_nchw). vectors: whether rows
-    of stride 2 run in explicit vectors (_row_3x3_nchw_simd), where a row
+    ranks); windows that keep fewer (borders, with large k) take the
+    weights of their own rank count: from _EDGE_VECTORS_FROM ranks on in
+    the vector rows, by a per-column table of weights
+    (_row_3x3_nchw_edges_simd), else redone one by one from the padded
+    rows (_edge_3x3_nchw). vectors: whether rows of
+    stride 2 run in explicit vectors (_row_3x3_nchw_simd), where a row
     has at least a vector's worth of windows (else the loop form runs
     them)."""
     literally(kk)
@@ -2579,8 +2723,16 @@ def _fwd_plane_nchw_3x3(x, n, c, tb, k, geo, bnd, y, vectors, kk):
     top = np.empty(k, dtype=x.dtype)
     top_pos = np.empty(k, dtype=np.int64)
     span = (out_w - 1) * sw + 2 * dw + 1
+    in_vectors = vectors and sw == 2 and dw == 1 and out_w >= lanes(x)
+    # From 7 ranks on (every window of the first row and column of a 3x3
+    # s2 p1 input keeps fewer) the vector rows take the windows that keep
+    # fewer ranks than k too: their rank counts and weights per column in
+    # rows 3 and 4 to 4 + kk of the scratch (as wide as the padded rows,
+    # about twice the output row), for the present row count held. Below
+    # 7 the few such windows (corners) are redone one by one.
+    edges = in_vectors and kk >= _EDGE_VECTORS_FROM
     # One column to spare for _row_3x3_nchw_simd's last load.
-    rows = np.empty((3, span + 1), dtype=x.dtype)
+    rows = np.empty((3 + (1 + kk if edges else 0), span + 1), dtype=x.dtype)
     # The weights as scalars before the loop (loads from the table inside
     # it could alias the stores).
     zero = x.dtype.type(0.0)
@@ -2598,6 +2750,13 @@ def _fwd_plane_nchw_3x3(x, n, c, tb, k, geo, bnd, y, vectors, kk):
     r0 = rows[0]
     r1 = rows[1]
     r2 = rows[2]
+    # Positions in the padding count as present only when it has a
+    # value.
+    lead = pl if has_pad else 0
+    trail = pr if has_pad else 0
+    held = -1
+    e_lo = 0
+    e_hi = out_w
     for oh in range(out_h):
         h0 = oh * sh - pt
         _prefetch_plane_rows(x, n, c, h0 + _NCHW_ROWS_AHEAD * sh, 3, dh,
@@ -2608,32 +2767,41 @@ def _fwd_plane_nchw_3x3(x, n, c, tb, k, geo, bnd, y, vectors, kk):
         _padded_row(x, n, c, h0 + 2 * dh, pt, pb, pl, pr, has_pad,
                     pad_value, r2)
         yr = y[n, c, oh]
+        m_rows = _present(h0, dh, height, pt if has_pad else 0,
+                          pb if has_pad else 0)
+        if edges and m_rows != held:
+            held = m_rows
+            e_lo, e_hi = _edge_columns_3x3(k, m_rows, pl, width, lead,
+                                           trail, out_w)
+            if e_lo > 0 or e_hi < out_w:
+                _edge_weights_3x3(tb, k, m_rows, pl, width, lead, trail,
+                                  e_lo, e_hi, lanes(x), out_w, rows, kk)
         # Literal stride and dilation for the common case: LLVM vectorises
         # the strided loads only when it knows the stride.
+        done = False
         if sw == 2 and dw == 1:
-            if not (vectors and _row_3x3_nchw_simd(
-                    rows, y, ((n * y.shape[1] + c) * out_h + oh) * out_w,
-                    out_w, pv, kk)):
+            yo = ((n * y.shape[1] + c) * out_h + oh) * out_w
+            if edges and (e_lo > 0 or e_hi < out_w):
+                done = _row_3x3_nchw_edges_simd(rows, y, yo, out_w, pv, e_lo,
+                                                e_hi, kk) > 0
+            elif in_vectors:
+                done = _row_3x3_nchw_simd(rows, y, yo, out_w, pv, kk) > 0
+            if not done:
                 _sort_row_3x3_nchw(r0, r1, r2, yr, 2, 1, p0, p1, p2, p3, p4,
                                    p5, p6, p7, p8, kk)
         else:
             _sort_row_3x3_nchw(r0, r1, r2, yr, sw, dw, p0, p1, p2, p3, p4,
                                p5, p6, p7, p8, kk)
-        # Positions in the padding count as present only when it has a
-        # value.
         # Only the border columns (all of them in border rows).
         lo = out_w
         hi = out_w
         if oh >= oh_lo and oh < oh_hi:
             lo = ow_lo
             hi = max(ow_lo, ow_hi)
-        m_rows = _present(h0, dh, height, pt if has_pad else 0,
-                          pb if has_pad else 0)
         for j in range(out_w - (hi - lo)):
             ow = j if j < lo else j + (hi - lo)
-            m = m_rows * _present(ow * sw - pl, dw, width,
-                                  pl if has_pad else 0, pr if has_pad else 0)
-            if m >= k:
+            m = m_rows * _present(ow * sw - pl, dw, width, lead, trail)
+            if m >= k or (m > 0 and done and edges):
                 continue
             if m > 0:
                 yr[ow] = _edge_3x3_nchw(r0, r1, r2, ow * sw, dw, tb, m)

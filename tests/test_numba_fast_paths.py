@@ -659,7 +659,10 @@ def test_nchw_3x3_forward_by_channel_blocks(dtype, monkeypatch):
 # Geometries whose NCHW forward rows run in explicit vectors (stride 2, no
 # dilation), on planes wide enough for two vectors of output columns and a
 # remainder: 2x2 inside the input and with padded borders, 3x3 with absent
-# and valued padding, without padding, and reaching past it.
+# and valued padding, without padding, and reaching past it. With absent
+# padding, from pool_range 7 the vector rows also take the border windows
+# that keep fewer ranks (engine._row_3x3_nchw_edges_simd): on the left and
+# top (p1), on the right and bottom ('same'), on both sides (ceil_mode).
 ROW_VECTOR_GEOMETRIES = {
     "2x2": dict(kernel_size=2),
     "2x2 p1 pad=-0.5": dict(kernel_size=2, padding=1, pad_value=-0.5),
@@ -668,6 +671,9 @@ ROW_VECTOR_GEOMETRIES = {
     "3x3 s2 p1 pad=0": dict(kernel_size=3, stride=2, padding=1,
                             pad_value=0.0),
     "3x3 s2": dict(kernel_size=3, stride=2),
+    "3x3 s2 same": dict(kernel_size=3, stride=2, padding="same"),
+    "3x3 s2 p1 ceil": dict(kernel_size=3, stride=2, padding=1,
+                           ceil_mode=True),
     "3x3 s2 p1 ceil pad=-0.5": dict(kernel_size=3, stride=2, padding=1,
                                     ceil_mode=True, pad_value=-0.5),
 }
