@@ -34,8 +34,9 @@ Kernels and where they run (docs/performance.md has the measurements):
   stride 2 without dilation run in explicit vectors of output columns
   (_simd.load_pairs splits two vectors of a row into the windows' even
   and odd columns), from pool_range 7 those windows included (each
-  column's weights for its window's rank count). Other 3x3 rows (other strides, dilation, fewer
-  windows than a vector), with channels that fill whole vectors, run by
+  column's weights for its window's rank count). Other 3x3 rows (other
+  strides, dilation, fewer windows than a vector), with channels that
+  fill whole vectors, run by
   blocks of channels instead, as the backward below, for float32
   pool_range 6-9 and float64 every pool_range (_NCHW_BLOCKS_FROM).
 * channel tile path, NHWC: every other window, any geometry, padding and
@@ -2578,11 +2579,11 @@ def _row_3x3_nchw_edges_simd(rows, y, yo, count, p, e_lo, e_hi, kk):
     a vector holding one takes window t's weights from rows[4:4 + kk, t]
     and sums rank r only where r < rows[3, t], its rank count (the rest
     are absent -inf, whose product with a zero weight would be NaN),
-    which gives _edge_3x3_nchw's numbers. Windows without a present position are
-    left to the caller. The vectors as _row_3x3_nchw_simd's, those inside
-    [e_lo, e_hi) as there, the others in a loop of their own (in one loop
-    with the others LLVM computes both sums for every vector and
-    selects). Returns count, or 0 for a row narrower than a vector."""
+    which gives _edge_3x3_nchw's numbers. Windows without a present
+    position are left to the caller. The vectors as _row_3x3_nchw_simd's,
+    those inside [e_lo, e_hi) as there, the others in a loop of their own
+    (in one loop with the others LLVM computes both sums for every vector
+    and selects). Returns count, or 0 for a row narrower than a vector."""
     nan = full(rows, np.nan)
     span = rows.shape[1]
     nl = lanes(rows)
