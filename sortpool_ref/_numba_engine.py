@@ -2540,6 +2540,35 @@ def _edge_sum(v, ew, step, t, m, kk):
 
 
 @njit(inline="always")
+def _window_vectors_3x3(rows, t):
+    """The nine vectors of windows t to t + lanes of a stride-2 row from
+    its padded rows (see _row_3x3_nchw_simd), in scan order."""
+    span = rows.shape[1]
+    o = 2 * t
+    a0, a1 = load_pairs(rows, o)
+    a2, _ = load_pairs(rows, o + 2)
+    a3, a4 = load_pairs(rows, span + o)
+    a5, _ = load_pairs(rows, span + o + 2)
+    a6, a7 = load_pairs(rows, 2 * span + o)
+    a8, _ = load_pairs(rows, 2 * span + o + 2)
+    return a0, a1, a2, a3, a4, a5, a6, a7, a8
+
+
+@njit(inline="always")
+def _plain_vector_3x3(rows, y, yo, t, p, nan, kk):
+    """y.flat[yo + t:...] for windows t to t + lanes that keep kk ranks:
+    the network, the products with the weight vectors p summed in rank
+    order, NaN where a window holds one."""
+    a0, a1, a2, a3, a4, a5, a6, a7, a8 = _window_vectors_3x3(rows, t)
+    v = _top9_nan_free(a0, a1, a2, a3, a4, a5, a6, a7, a8, kk)
+    acc = p[0] * v[0]
+    for r in range(1, kk):
+        acc = acc + p[r] * v[r]
+    bad = _any_nan9(a0, a1, a2, a3, a4, a5, a6, a7, a8)
+    store(y, yo + t, select(bad, nan, acc))
+
+
+@njit(inline="always")
 def _row_3x3_nchw_simd(rows, y, yo, count, p, kk):
     """_sort_row_3x3_nchw for stride 2, no dilation, in explicit vectors
     (_simd): y.flat[yo:yo + count] from the padded rows, rows of shape
@@ -2550,25 +2579,12 @@ def _row_3x3_nchw_simd(rows, y, yo, count, p, kk):
     network, products and sums as the loop form, bit for bit. Returns how
     many outputs it wrote, all or none, as _row_2x2_nchw_simd."""
     nan = full(rows, np.nan)
-    span = rows.shape[1]
     nl = lanes(rows)
     if count < nl:
         return 0
     for b in range(0, count, nl):
         t = min(b, count - nl)
-        o = 2 * t
-        a0, a1 = load_pairs(rows, o)
-        a2, _ = load_pairs(rows, o + 2)
-        a3, a4 = load_pairs(rows, span + o)
-        a5, _ = load_pairs(rows, span + o + 2)
-        a6, a7 = load_pairs(rows, 2 * span + o)
-        a8, _ = load_pairs(rows, 2 * span + o + 2)
-        v = _top9_nan_free(a0, a1, a2, a3, a4, a5, a6, a7, a8, kk)
-        acc = p[0] * v[0]
-        for r in range(1, kk):
-            acc = acc + p[r] * v[r]
-        bad = _any_nan9(a0, a1, a2, a3, a4, a5, a6, a7, a8)
-        store(y, yo + t, select(bad, nan, acc))
+        _plain_vector_3x3(rows, y, yo, t, p, nan, kk)
     return count
 
 
@@ -2593,30 +2609,12 @@ def _row_3x3_nchw_edges_simd(rows, y, yo, count, p, e_lo, e_hi, kk):
         t = min(b, count - nl)
         if t < e_lo or t + nl > e_hi:
             continue
-        o = 2 * t
-        a0, a1 = load_pairs(rows, o)
-        a2, _ = load_pairs(rows, o + 2)
-        a3, a4 = load_pairs(rows, span + o)
-        a5, _ = load_pairs(rows, span + o + 2)
-        a6, a7 = load_pairs(rows, 2 * span + o)
-        a8, _ = load_pairs(rows, 2 * span + o + 2)
-        v = _top9_nan_free(a0, a1, a2, a3, a4, a5, a6, a7, a8, kk)
-        acc = p[0] * v[0]
-        for r in range(1, kk):
-            acc = acc + p[r] * v[r]
-        bad = _any_nan9(a0, a1, a2, a3, a4, a5, a6, a7, a8)
-        store(y, yo + t, select(bad, nan, acc))
+        _plain_vector_3x3(rows, y, yo, t, p, nan, kk)
     for b in range(0, count, nl):
         t = min(b, count - nl)
         if t >= e_lo and t + nl <= e_hi:
             continue
-        o = 2 * t
-        a0, a1 = load_pairs(rows, o)
-        a2, _ = load_pairs(rows, o + 2)
-        a3, a4 = load_pairs(rows, span + o)
-        a5, _ = load_pairs(rows, span + o + 2)
-        a6, a7 = load_pairs(rows, 2 * span + o)
-        a8, _ = load_pairs(rows, 2 * span + o + 2)
+        a0, a1, a2, a3, a4, a5, a6, a7, a8 = _window_vectors_3x3(rows, t)
         v = _top9_inline(a0, a1, a2, a3, a4, a5, a6, a7, a8, kk)
         acc = _edge_sum(v, rows, span, 4 * span + t, load(rows, 3 * span + t),
                         kk)
@@ -2710,10 +2708,9 @@ def _fwd_plane_nchw_3x3(x, n, c, tb, k, geo, bnd, y, vectors, kk):
     weights of their own rank count: from _EDGE_VECTORS_FROM ranks on in
     the vector rows, by a per-column table of weights
     (_row_3x3_nchw_edges_simd), else redone one by one from the padded
-    rows (_edge_3x3_nchw). vectors: whether rows of
-    stride 2 run in explicit vectors (_row_3x3_nchw_simd), where a row
-    has at least a vector's worth of windows (else the loop form runs
-    them)."""
+    rows (_edge_3x3_nchw). vectors: whether rows of stride 2 run in
+    explicit vectors (_row_3x3_nchw_simd), where a row has at least a
+    vector's worth of windows (else the loop form runs them)."""
     literally(kk)
     (kh, kw, sh, sw, dh, dw, pt, pb, pl, pr, has_pad, pad_value) = geo
     oh_lo, oh_hi, ow_lo, ow_hi = bnd
